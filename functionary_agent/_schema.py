@@ -1,0 +1,86 @@
+"""JSON-schema clean-up shared by tools and formats.
+
+Pydantic's schemas carry `title` on every node and put every model in `$defs`. Models read prompts, not
+validators: titles are noise tokens and `$ref` indirection makes small models lose track of what a field holds.
+So titles go and references are inlined, except where a model really recurs (inlining would never end).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+# Keys whose value is a schema, a list of schemas, or a map from names to schemas (JSON Schema 2020-12).
+_SCHEMA_KEYS = ("items", "additionalProperties", "not", "contains", "if", "then", "else", "propertyNames")
+_SCHEMA_LIST_KEYS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMA_MAP_KEYS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def clean_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `schema` without `title` keys and with non-recursive `$ref`s inlined."""
+    result = inline_refs(schema)
+    _strip_titles(result)
+    return result
+
+
+def inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `schema` with non-recursive `$ref`s inlined; recursive models stay in `$defs`."""
+    schema = copy.deepcopy(schema)
+    defs: dict[str, Any] = {**schema.pop("definitions", {}), **schema.pop("$defs", {})}
+    kept: dict[str, Any] = {}
+    result = _inline(schema, defs, (), kept)
+    if kept:
+        result["$defs"] = kept
+    return result
+
+
+def _ref_name(ref: str) -> str | None:
+    for prefix in ("#/$defs/", "#/definitions/"):
+        if ref.startswith(prefix):
+            return ref[len(prefix) :]
+    return None
+
+
+def _inline(node: Any, defs: dict[str, Any], stack: tuple[str, ...], kept: dict[str, Any]) -> Any:
+    """Replace `$ref`s by their definitions; a reference back into `stack` is a real recursion and stays."""
+    if isinstance(node, list):
+        return [_inline(item, defs, stack, kept) for item in node]
+    if not isinstance(node, dict):
+        return node
+    ref = node.get("$ref")
+    name = _ref_name(ref) if isinstance(ref, str) else None
+    if name is not None and name in defs:
+        if name in stack:
+            if name not in kept:
+                kept[name] = {}  # reserve first: the definition may refer to itself again
+                kept[name] = _inline(defs[name], defs, (name,), kept)
+            return {**node, "$ref": f"#/$defs/{name}"}
+        siblings = {key: value for key, value in node.items() if key != "$ref"}
+        target = _inline(defs[name], defs, (*stack, name), kept)
+        return {**target, **_inline(siblings, defs, stack, kept)}
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _SCHEMA_MAP_KEYS and isinstance(value, dict):
+            out[key] = {prop: _inline(sub, defs, stack, kept) for prop, sub in value.items()}
+        elif key in _SCHEMA_KEYS or key in _SCHEMA_LIST_KEYS:
+            out[key] = _inline(value, defs, stack, kept)
+        else:
+            out[key] = value
+    return out
+
+
+def _strip_titles(node: Any) -> None:
+    """Remove `title` from every schema node, leaving properties that happen to be named "title" intact."""
+    if isinstance(node, list):
+        for item in node:
+            _strip_titles(item)
+        return
+    if not isinstance(node, dict):
+        return
+    node.pop("title", None)
+    for key, value in node.items():
+        if key in _SCHEMA_MAP_KEYS and isinstance(value, dict):
+            for sub in value.values():
+                _strip_titles(sub)
+        elif key in _SCHEMA_KEYS or key in _SCHEMA_LIST_KEYS:
+            _strip_titles(value)

@@ -1,0 +1,382 @@
+"""Python callables become tools: a JSON schema the model reads, and a safe way to run what it sends back.
+
+The schema comes from the signature's type hints and the docstring (through pydantic and docstring-parser), so
+what the model is told and what is validated can never drift apart: the same pydantic model does both. Running a
+call never raises (cancellation aside): every fault becomes text the model can read and act on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import inspect
+import json
+import logging
+import re
+import time
+import typing
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Annotated, Any, overload
+
+import docstring_parser
+import pydantic
+import pydantic_core
+from pydantic.fields import FieldInfo
+
+from functionary_agent._schema import clean_schema
+from functionary_agent.errors import ToolDefinitionError
+
+logger = logging.getLogger(__name__)
+
+TOOL_NAME_PATTERN = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+_REPR_LIMIT = 80
+
+
+@dataclass(frozen=True)
+class ToolOutcome:
+    """What one call produced: the tool message content, and whether it reports a fault."""
+
+    content: str
+    is_error: bool = False
+    duration: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Param:
+    name: str
+    field: str  # field name inside the arguments model (params are aliased: `json`, `_x` are legal there)
+    positional_only: bool
+
+
+class Tool:
+    """A callable the model may call, with the JSON schema it is told about.
+
+    Build one with `Tool.from_function`, the `@tool` decorator or `Tool.from_openai`; a `Tool` stays callable
+    like the function it wraps.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        description: str,
+        parameters: dict[str, Any],
+        handler: Callable[..., Any],
+        *,
+        timeout: float | None = None,
+        _arguments_model: type[pydantic.BaseModel] | None = None,
+        _params: tuple[_Param, ...] | None = None,
+    ) -> None:
+        _check_name(name, handler)
+        if timeout is not None and timeout <= 0:
+            raise ToolDefinitionError(f"tool {name!r}: timeout must be positive seconds, got {timeout!r}")
+        self.name = name
+        self.description = description
+        self.parameters = parameters
+        self.handler = handler
+        self.timeout = timeout
+        self._arguments_model = _arguments_model
+        self._params = _params
+        functools.update_wrapper(self, handler, updated=())
+
+    @classmethod
+    def from_function(
+        cls,
+        fn: Callable[..., Any],
+        name: str | None = None,
+        description: str | None = None,
+        *,
+        parameter_schema: type[pydantic.BaseModel] | dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Tool:
+        """A tool from a function's signature and docstring (or from `parameter_schema`, chatlab style)."""
+        if isinstance(fn, Tool):
+            fn = fn.handler
+        if not callable(fn):
+            raise ToolDefinitionError(f"a tool needs a callable, got {type(fn).__name__}")
+        if name is None:
+            name = getattr(fn, "__name__", None) or type(fn).__name__
+        _check_name(name, fn)
+        doc = docstring_parser.parse(inspect.getdoc(fn) or "")
+        if description is None:
+            description = "\n\n".join(p for p in (doc.short_description, doc.long_description) if p)
+        if isinstance(parameter_schema, dict):
+            return cls(name, description, clean_schema(parameter_schema), fn, timeout=timeout)
+        if parameter_schema is not None:
+            params = tuple(_Param(f, f, False) for f in parameter_schema.model_fields)
+            model: type[pydantic.BaseModel] = parameter_schema
+        else:
+            model, params = _signature_model(fn, name, {p.arg_name: p.description for p in doc.params})
+        schema = _json_schema(model, fn, name)
+        return cls(name, description, schema, fn, timeout=timeout, _arguments_model=model, _params=params)
+
+    @classmethod
+    def from_openai(cls, spec: Mapping[str, Any], handler: Callable[..., Any], *, timeout: float | None = None) -> Tool:
+        """A tool from an OpenAI tool dict; arguments reach `handler` as keyword arguments, checked for
+        required keys only (a raw JSON schema has no Python types to convert into)."""
+        function = spec.get("function", spec) if isinstance(spec, Mapping) else None
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+            raise ToolDefinitionError(
+                'an OpenAI tool dict looks like {"type": "function", "function": {"name": ..., "parameters": ...}}'
+            )
+        parameters = function.get("parameters") or {"type": "object", "properties": {}}
+        return cls(
+            function["name"], function.get("description") or "", clean_schema(dict(parameters)), handler,
+            timeout=timeout,
+        )
+
+    def to_openai(self) -> dict[str, Any]:
+        """The OpenAI tool dict sent to the model."""
+        function: dict[str, Any] = {"name": self.name}
+        if self.description:
+            function["description"] = self.description
+        function["parameters"] = self.parameters
+        return {"type": "function", "function": function}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.handler(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"Tool(name={self.name!r})"
+
+    async def run(self, arguments: str | Mapping[str, Any] | None) -> ToolOutcome:
+        """Parse, validate, call, serialise; every fault comes back as an error outcome, never an exception."""
+        started = time.perf_counter()
+        try:
+            args, kwargs = self._bind(arguments)
+            result = await self._call(args, kwargs)
+            outcome = ToolOutcome(result_to_text(result))
+        except _CallFault as fault:
+            outcome = ToolOutcome(f"Error: {fault}", is_error=True)
+        except _TimedOut:
+            outcome = ToolOutcome(f"Error: {self.name} timed out after {self.timeout:g} s", is_error=True)
+        except Exception as exc:  # the tool's own failure is news for the model, not a crash of the run
+            logger.debug("tool %s raised", self.name, exc_info=True)
+            outcome = ToolOutcome(f"Error: {self.name} raised {type(exc).__name__}: {exc}", is_error=True)
+        return ToolOutcome(outcome.content, outcome.is_error, time.perf_counter() - started)
+
+    def _bind(self, arguments: str | Mapping[str, Any] | None) -> tuple[list[Any], dict[str, Any]]:
+        raw = parse_arguments(arguments)
+        if self._arguments_model is None or self._params is None:
+            missing = [key for key in self.parameters.get("required", []) if key not in raw]
+            if missing:
+                lines = "\n".join(f"- {key}: Field required" for key in missing)
+                raise _CallFault(f"invalid arguments for {self.name}:\n{lines}")
+            return [], dict(raw)
+        try:
+            validated = self._arguments_model.model_validate(raw)
+        except pydantic.ValidationError as exc:
+            raise _CallFault(_describe_validation_error(self.name, exc)) from None
+        args = [getattr(validated, p.field) for p in self._params if p.positional_only]
+        kwargs = {p.name: getattr(validated, p.field) for p in self._params if not p.positional_only}
+        return args, kwargs
+
+    async def _call(self, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        if inspect.iscoroutinefunction(self.handler):
+            result = await self._within_timeout(self.handler(*args, **kwargs))
+        else:
+            loop = asyncio.get_running_loop()
+            call = functools.partial(contextvars.copy_context().run, self.handler, *args, **kwargs)
+            result = await self._within_timeout(loop.run_in_executor(_tool_threads(), call))
+        if inspect.isawaitable(result):  # async callable objects, partials and lambdas around coroutines
+            result = await self._within_timeout(result)
+        return result
+
+    async def _within_timeout(self, awaitable: typing.Awaitable[Any]) -> Any:
+        """Await with the tool's timeout; a sync tool's thread cannot be stopped and finishes unobserved."""
+        if self.timeout is None:
+            return await awaitable
+        try:
+            return await asyncio.wait_for(awaitable, self.timeout)
+        except asyncio.TimeoutError as exc:
+            if isinstance(exc.__cause__, asyncio.CancelledError):  # wait_for's own, not one the tool raised
+                raise _TimedOut from None
+            raise
+
+
+class _CallFault(Exception):
+    """Arguments the model must fix; the message is written for the model."""
+
+
+class _TimedOut(Exception):
+    """The tool ran past its timeout."""
+
+
+@overload
+def tool(fn: Callable[..., Any], /) -> Tool: ...
+@overload
+def tool(
+    *, name: str | None = None, description: str | None = None, timeout: float | None = None
+) -> Callable[[Callable[..., Any]], Tool]: ...
+def tool(
+    fn: Callable[..., Any] | None = None,
+    /,
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    timeout: float | None = None,
+) -> Tool | Callable[[Callable[..., Any]], Tool]:
+    """Mark a function as a tool: `@tool` or `@tool(name=..., timeout=...)`. The result is still callable."""
+
+    def wrap(func: Callable[..., Any]) -> Tool:
+        return Tool.from_function(func, name, description, timeout=timeout)
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def parse_arguments(arguments: str | Mapping[str, Any] | None) -> dict[str, Any]:
+    """Arguments as the model sent them (a JSON string, a dict, or nothing) -> a dict, or a fault to report."""
+    if arguments is None:
+        return {}
+    if isinstance(arguments, Mapping):
+        return dict(arguments)
+    text = arguments.strip()
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _CallFault(
+            f"the arguments are not valid JSON ({exc}): {_trim(text)}. "
+            "Send the arguments as one JSON object."
+        ) from None
+    if not isinstance(value, dict):
+        raise _CallFault(f"the arguments must be a JSON object, got {type(value).__name__}: {_trim(text)}")
+    return value
+
+
+def result_to_text(value: Any) -> str:
+    """What the model reads back: strings as they are, `_repr_llm_()` where defined, else JSON, else `str()`."""
+    if isinstance(value, str):
+        return value
+    repr_llm = getattr(value, "_repr_llm_", None)
+    if callable(repr_llm) and not isinstance(value, type):
+        return str(repr_llm())
+    try:
+        return pydantic_core.to_json(value).decode()
+    except (pydantic_core.PydanticSerializationError, ValueError, TypeError):
+        return str(value)
+
+
+def _check_name(name: str, fn: object) -> None:
+    if not isinstance(name, str) or not TOOL_NAME_PATTERN.match(name):
+        raise ToolDefinitionError(
+            f"tool name {name!r} (from {_qualname(fn)}) must match ^[a-zA-Z0-9_-]{{1,64}}$; pass name=... to rename it"
+        )
+
+
+def _signature_model(
+    fn: Callable[..., Any], name: str, param_docs: Mapping[str, str | None]
+) -> tuple[type[pydantic.BaseModel], tuple[_Param, ...]]:
+    """One pydantic model for the parameters: the schema the model reads and the validator of what it sends."""
+    try:
+        signature = inspect.signature(fn)
+        hints = typing.get_type_hints(_annotated_target(fn), include_extras=True)
+    except (NameError, TypeError, ValueError) as exc:
+        raise ToolDefinitionError(f"cannot read the signature of {_qualname(fn)}: {exc}") from None
+    fields: dict[str, Any] = {}
+    params: list[_Param] = []
+    for index, param in enumerate(signature.parameters.values()):
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            star = "*" if param.kind is param.VAR_POSITIONAL else "**"
+            raise ToolDefinitionError(
+                f"{_qualname(fn)}: parameter {star}{param.name} cannot be described to a model; use named parameters"
+            )
+        annotation = hints.get(param.name, Any)
+        default = ... if param.default is param.empty else param.default
+        description = None if _has_explicit_description(annotation) else param_docs.get(param.name)
+        field = f"p{index}"
+        if description:
+            info = pydantic.Field(default, alias=param.name, description=description)
+        else:  # description=None would erase the text of an Annotated Field
+            info = pydantic.Field(default, alias=param.name)
+        fields[field] = (annotation, info)
+        params.append(_Param(param.name, field, param.kind is param.POSITIONAL_ONLY))
+    config = pydantic.ConfigDict(extra="forbid", populate_by_name=False)
+    try:
+        model = pydantic.create_model(f"{name}_arguments", __config__=config, **fields)
+    except (pydantic.PydanticSchemaGenerationError, pydantic.PydanticUserError, TypeError) as exc:
+        raise _no_schema_error(fn, {info.alias: annotation for annotation, info in fields.values()}, exc) from None
+    return model, tuple(params)
+
+
+def _annotated_target(fn: Callable[..., Any]) -> Any:
+    """Where the annotations live: a partial's function, a callable object's `__call__`."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    if inspect.isroutine(fn) or inspect.isclass(fn):
+        return fn
+    return type(fn).__call__
+
+
+def _has_explicit_description(annotation: Any) -> bool:
+    if typing.get_origin(annotation) is not Annotated:
+        return False
+    return any(
+        isinstance(meta, str) or (isinstance(meta, FieldInfo) and meta.description)
+        for meta in typing.get_args(annotation)[1:]
+    )
+
+
+def _json_schema(model: type[pydantic.BaseModel], fn: Callable[..., Any], name: str) -> dict[str, Any]:
+    try:
+        schema = model.model_json_schema(by_alias=True)
+    except (pydantic.PydanticInvalidForJsonSchema, pydantic.PydanticUserError, TypeError) as exc:
+        candidates = {field.alias or key: field.annotation for key, field in model.model_fields.items()}
+        raise _no_schema_error(fn, candidates, exc) from None
+    _apply_string_descriptions(schema, model)
+    schema = clean_schema(schema)
+    schema.setdefault("properties", {})
+    schema.pop("additionalProperties", None)
+    return schema
+
+
+def _apply_string_descriptions(schema: dict[str, Any], model: type[pydantic.BaseModel]) -> None:
+    """`Annotated[T, "text"]` is a common way to document a parameter; pydantic ignores bare strings."""
+    for field in model.model_fields.values():
+        texts = [meta for meta in field.metadata if isinstance(meta, str)]
+        prop = schema.get("properties", {}).get(field.alias)
+        if texts and isinstance(prop, dict) and not field.description:
+            prop["description"] = " ".join(texts)
+
+
+def _no_schema_error(fn: Callable[..., Any], candidates: Mapping[str, Any], exc: Exception) -> ToolDefinitionError:
+    """Name the parameter whose annotation has no JSON schema, trying each on its own."""
+    for param, annotation in candidates.items():
+        try:
+            pydantic.TypeAdapter(annotation).json_schema()
+        except Exception as reason:
+            first_line = str(reason).strip().splitlines()[0] if str(reason).strip() else type(reason).__name__
+            return ToolDefinitionError(
+                f"{_qualname(fn)}: parameter {param!r} has annotation {annotation!r} with no JSON schema "
+                f"({first_line}); use a JSON-compatible type (str, int, float, bool, list, dict, a pydantic model)"
+            )
+    return ToolDefinitionError(f"{_qualname(fn)}: its parameters have no JSON schema: {exc}")
+
+
+def _describe_validation_error(tool_name: str, exc: pydantic.ValidationError) -> str:
+    lines = []
+    for error in exc.errors(include_url=False):
+        where = ".".join(str(part) for part in error["loc"]) or "(arguments)"
+        line = f"- {where}: {error['msg']}"
+        if error["type"] not in ("missing", "extra_forbidden"):
+            line += f" (got {_trim(json.dumps(error['input'], default=repr))})"
+        lines.append(line)
+    return f"invalid arguments for {tool_name}:\n" + "\n".join(lines)
+
+
+def _trim(text: str, limit: int = _REPR_LIMIT) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _qualname(fn: object) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+@functools.cache
+def _tool_threads() -> ThreadPoolExecutor:
+    """Sync tools run here, never on the event loop; wide enough that a turn's calls never queue behind
+    each other (asyncio's default pool has only cpu_count + 4 workers)."""
+    return ThreadPoolExecutor(max_workers=64, thread_name_prefix="functionary-tool")
