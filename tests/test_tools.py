@@ -151,7 +151,8 @@ def test_annotated_descriptions_win_over_docstring() -> None:
     "doc",
     [
         "Add numbers.\n\nLonger text.\n\nArgs:\n    x: first number\n    y: second number\n",
-        "Add numbers.\n\nLonger text.\n\nParameters\n----------\nx : int\n    first number\ny : int\n    second number\n",
+        "Add numbers.\n\nLonger text.\n\nParameters\n----------\nx : int\n    first number\n"
+        "y : int\n    second number\n",
         "Add numbers.\n\nLonger text.\n\n:param x: first number\n:param y: second number\n",
         "Add numbers.\n\nLonger text.\n\n@param x: first number\n@param y: second number\n",
     ],

@@ -1,0 +1,259 @@
+"""`Conversation`: the message list and the agent loop that runs tools until the model answers."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pydantic
+
+from functionary_agent import _sync
+from functionary_agent._calls import CANCELLED, call_key, run_calls, tool_message
+from functionary_agent.errors import ConfigurationError, MaxTurnsExceeded, ModelError, ToolDefinitionError
+from functionary_agent.events import (
+    Event,
+    FinalAnswer,
+    TextDelta,
+    ToolCallArgumentsDelta,
+    ToolCallStarted,
+    ToolResult,
+)
+from functionary_agent.models.base import AssistantMessage, ChatModel, ToolCall, ToolChoice
+from functionary_agent.tools import Tool
+
+Content = str | list[dict[str, Any]] | None
+_SAVE_FORMAT = "functionary-agent/conversation"
+
+
+class Conversation:
+    """A chat with a model that may call the registered tools; `submit` runs calls until a final answer.
+
+    `model` is a `ChatModel`, or a model name for the server at `base_url` (or `FUNCTIONARY_BASE_URL`).
+    Forced choices (`tool_choice="required"` or a named function) apply to the first model turn of each
+    submit; later turns use "auto", otherwise the model could never answer.
+    """
+
+    def __init__(
+        self,
+        model: ChatModel | str | None = None,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        system: str | None = None,
+        tools: Iterable[Callable[..., Any] | Tool] = (),
+        tool_choice: ToolChoice = "auto",
+        max_turns: int = 10,
+        parallel_tool_calls: bool = True,
+        max_concurrency: int | None = None,
+        **settings: Any,
+    ) -> None:
+        if max_turns < 1:
+            raise ConfigurationError(f"max_turns must be at least 1, got {max_turns}")
+        if max_concurrency is not None and max_concurrency < 1:
+            raise ConfigurationError(f"max_concurrency must be at least 1 or None, got {max_concurrency}")
+        self.model = _resolve_model(model, base_url, api_key)
+        self.messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+        self.tool_choice = tool_choice
+        self.max_turns = max_turns
+        self.parallel_tool_calls = parallel_tool_calls
+        self.max_concurrency = 1 if not parallel_tool_calls else max_concurrency
+        self.settings = settings
+        self._tools: dict[str, Tool] = {}
+        for item in tools:
+            self.register(item)
+
+    # -- tools -------------------------------------------------------------------------------------------
+    def register(
+        self,
+        fn: Callable[..., Any] | Tool | None = None,
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        parameter_schema: type[pydantic.BaseModel] | dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Make `fn` a tool of this conversation: `@chat.register`, `@chat.register(name=...)` or
+        `chat.register(fn)`. Returns `fn` unchanged, so decorated functions stay plain functions."""
+
+        def add(func: Callable[..., Any] | Tool) -> Any:
+            if isinstance(func, Tool) and not (name or description or parameter_schema or timeout):
+                new = func
+            else:
+                new = Tool.from_function(func, name, description, parameter_schema=parameter_schema, timeout=timeout)
+            if new.name in self._tools:
+                raise ToolDefinitionError(f"a tool named {new.name!r} is already registered; pass name=... to rename")
+            self._tools[new.name] = new
+            return func
+
+        return add(fn) if fn is not None else add
+
+    def unregister(self, name: str) -> None:
+        self._tools.pop(name, None)
+
+    @property
+    def tools(self) -> list[Tool]:
+        return list(self._tools.values())
+
+    def tool_specs(self) -> list[dict[str, Any]]:
+        """The tool list as sent to the model."""
+        return [tool.to_openai() for tool in self._tools.values()]
+
+    # -- the loop ----------------------------------------------------------------------------------------
+    def astream(self, content: Content = None) -> AsyncIterator[Event]:
+        """Run the conversation to a final answer, yielding events as they happen (see `events`).
+        Leaving early (`break`, `aclose()`) cancels running calls; each still gets its tool message."""
+        return self._run(content, stream=True)
+
+    async def asubmit(self, content: Content = None) -> str:
+        """Add `content` as a user message (None continues the chat as it is) and return the final answer."""
+        answer = ""
+        async for event in self._run(content, stream=False):
+            if isinstance(event, FinalAnswer):
+                answer = event.content
+        return answer
+
+    def submit(self, content: Content = None) -> str:
+        return _sync.run(self.asubmit(content))
+
+    def stream(self, content: Content = None) -> Iterator[Event]:
+        return _sync.iterate(self.astream(content))
+
+    async def _run(self, content: Content, *, stream: bool) -> AsyncIterator[Event]:
+        if content is not None:
+            self.messages.append({"role": "user", "content": content})
+        tool_choice = self.tool_choice
+        answered: dict[tuple[str, str], str] = {}  # the repeat guard: identical calls already answered
+        for _ in range(self.max_turns):
+            message = None
+            async with _closing(self._ask(tool_choice, stream)) as turn:
+                async for item in turn:
+                    if isinstance(item, AssistantMessage):
+                        message = item
+                    else:
+                        yield item
+            if message is None:
+                raise ModelError(f"{type(self.model).__name__} ended its stream without an assistant message")
+            self.messages.append(message.to_dict())
+            if not message.tool_calls:
+                yield FinalAnswer(message.content or "")
+                return
+            results: dict[int, ToolResult] = {}
+            running = run_calls(message.tool_calls, self._tools, answered, results, self.max_concurrency)
+            try:
+                async with _closing(running):
+                    async for result in running:
+                        yield result
+            finally:
+                self._record_results(message.tool_calls, results, answered)
+            repeats_only = all(result.repeated for result in results.values())
+            tool_choice = "none" if repeats_only else "auto"
+        raise MaxTurnsExceeded(self.max_turns)
+
+    async def _ask(self, tool_choice: ToolChoice, stream: bool) -> AsyncIterator[Event | AssistantMessage]:
+        """One model turn; in stream mode its deltas become events, and the message comes last."""
+        request: dict[str, Any] = {**self.settings, "tools": self.tool_specs(), "tool_choice": tool_choice}
+        if not self.parallel_tool_calls:
+            request["parallel_tool_calls"] = False
+        if not stream:
+            yield await self.model.acomplete(self.messages, **request)
+            return
+        call_ids: dict[int, str] = {}
+        async with _closing(self.model.astream(self.messages, **request)) as deltas:
+            async for item in deltas:
+                if isinstance(item, AssistantMessage):
+                    yield item
+                    continue
+                for event in _delta_events(item, call_ids):
+                    yield event
+
+    def _record_results(
+        self, calls: list[ToolCall], results: Mapping[int, ToolResult], answered: dict[tuple[str, str], str]
+    ) -> None:
+        """Tool messages in the model's call order; a call cut short by cancellation still gets one, so the
+        message list stays valid for the next request."""
+        for index, call in enumerate(calls):
+            result = results.get(index)
+            self.messages.append(tool_message(call, result.content if result else CANCELLED))
+            if result is not None and not result.is_error:
+                answered[call_key(call)] = result.content
+
+    # -- persistence -------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the exchange, keeping the system message."""
+        self.messages[:] = [m for m in self.messages[:1] if m.get("role") == "system"]
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the messages as JSON; tools are code and are registered again after `load`."""
+        data = {"format": _SAVE_FORMAT, "version": 1, "messages": self.messages}
+        Path(path).write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], model: ChatModel | str | None = None, **kwargs: Any) -> Conversation:
+        """A conversation with the messages saved at `path`; other arguments as for `Conversation(...)`."""
+        messages = _read_saved_messages(Path(path))
+        conversation = cls(model, **kwargs)
+        conversation.messages = messages
+        return conversation
+
+
+T = TypeVar("T")
+
+
+@asynccontextmanager
+async def _closing(iterator: AsyncIterator[T]) -> AsyncIterator[AsyncIterator[T]]:
+    """Close an async generator when the block ends: leaving a run early must cancel what it started now, not
+    whenever the garbage collector gets to it."""
+    try:
+        yield iterator
+    finally:
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def _delta_events(delta: Mapping[str, Any], call_ids: dict[int, str]) -> Iterator[Event]:
+    if delta.get("content"):
+        yield TextDelta(delta["content"])
+    for part in delta.get("tool_calls") or ():
+        index = part["index"]
+        function = part.get("function") or {}
+        if index not in call_ids:
+            call_ids[index] = part.get("id") or ""
+            yield ToolCallStarted(index, call_ids[index], function.get("name", ""))
+        if function.get("arguments"):
+            yield ToolCallArgumentsDelta(index, call_ids[index], function["arguments"])
+
+
+def _read_saved_messages(path: Path) -> list[dict[str, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read conversation file {path}: {exc.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigurationError(f"{path} is not a saved conversation (not JSON: {exc})") from None
+    messages = data.get("messages") if isinstance(data, dict) else data
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+        raise ConfigurationError(f"{path} is not a saved conversation: expected a list of messages with a 'role'")
+    return messages
+
+
+def _resolve_model(model: ChatModel | str | None, base_url: str | None, api_key: str | None) -> ChatModel:
+    if isinstance(model, ChatModel):
+        if base_url or api_key:
+            raise ConfigurationError("base_url and api_key configure a remote model; pass them to its constructor")
+        return model
+    if model is not None and not isinstance(model, str):
+        raise ConfigurationError(f"model must be a ChatModel or a model name, got {type(model).__name__}")
+    base_url = base_url or os.environ.get("FUNCTIONARY_BASE_URL")
+    if base_url:
+        from functionary_agent.models.openai_compatible import OpenAICompatibleModel  # openai is slow to import
+
+        return OpenAICompatibleModel(model, base_url=base_url, api_key=api_key)
+    raise ConfigurationError(
+        "no model server configured: pass base_url='http://HOST:PORT/v1' (or set FUNCTIONARY_BASE_URL) "
+        "for an OpenAI-compatible server, or pass a ChatModel"
+    )

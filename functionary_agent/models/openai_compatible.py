@@ -1,0 +1,324 @@
+"""Any OpenAI-compatible server (Functionary's, vLLM, llama.cpp, OpenAI) through the official `openai` package.
+
+Retries are ours (tenacity), not the SDK's, so that Retry-After, jitter and the final message are under one
+roof. Streams are normalised here: real servers send `arguments: null`, split names over deltas, repeat or omit
+ids, send arguments as a dict, and say `finish_reason: "stop"` after calls; consumers see clean deltas only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import openai
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+    wait_random,
+)
+
+from functionary_agent.errors import ConfigurationError, ModelError
+from functionary_agent.models.base import (
+    AssistantMessage,
+    ChatModel,
+    Delta,
+    DeltaAccumulator,
+    StreamItem,
+    ToolCall,
+    ToolChoice,
+    arguments_text,
+    new_call_id,
+)
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_RETRY_STATUSES = frozenset({408, 409, 429})
+_RETRY_AFTER_CAP = 60.0
+# Request fields the SDK takes as typed keywords; any other setting travels in `extra_body`.
+_TYPED_SETTINGS = frozenset(
+    {"temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed", "presence_penalty",
+     "frequency_penalty", "n", "logit_bias", "logprobs", "top_logprobs", "response_format", "user"}
+)
+
+
+class OpenAICompatibleModel(ChatModel):
+    """A model behind an OpenAI-compatible `/chat/completions` endpoint.
+
+    Settings come from the arguments or `FUNCTIONARY_BASE_URL`, `FUNCTIONARY_MODEL`, `FUNCTIONARY_API_KEY`.
+    With no model name the server's first listed model is used (local servers usually serve one).
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        timeout: float = 120.0,
+        max_retries: int = 4,
+        retry_initial_delay: float = 0.5,
+        retry_max_delay: float = 20.0,
+        **settings: Any,
+    ) -> None:
+        base_url = base_url or os.environ.get("FUNCTIONARY_BASE_URL")
+        if not base_url:
+            raise ConfigurationError("OpenAICompatibleModel needs base_url=... or FUNCTIONARY_BASE_URL")
+        self.base_url = base_url.rstrip("/")
+        self.model = model or os.environ.get("FUNCTIONARY_MODEL") or None
+        # Local servers need no key, but the SDK insists on one; never fall back to OPENAI_API_KEY, which
+        # would send a user's OpenAI key to whatever server base_url names.
+        self._api_key = api_key or os.environ.get("FUNCTIONARY_API_KEY") or "not-needed"
+        self.timeout = timeout
+        self.max_retries = max_retries
+        backoff = wait_exponential(multiplier=retry_initial_delay, max=retry_max_delay) + wait_random(
+            0, retry_initial_delay
+        )
+        self._wait = _RetryAfterOrBackoff(backoff)
+        self.settings = settings
+        self._clients: dict[asyncio.AbstractEventLoop, openai.AsyncOpenAI] = {}
+
+    def __repr__(self) -> str:
+        return f"OpenAICompatibleModel(model={self.model!r}, base_url={self.base_url!r})"
+
+    async def acomplete(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        tools: Sequence[Mapping[str, Any]] = (),
+        tool_choice: ToolChoice = "auto",
+        **settings: Any,
+    ) -> AssistantMessage:
+        request = await self._request(messages, tools, tool_choice, settings)
+        response = await self._with_retries(lambda: self._client().chat.completions.create(**request))
+        if not getattr(response, "choices", None):
+            raise ModelError(f"{self.base_url} answered without choices: {str(response)[:200]}")
+        return _message_from_choice(response.choices[0], getattr(response, "usage", None))
+
+    async def astream(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        tools: Sequence[Mapping[str, Any]] = (),
+        tool_choice: ToolChoice = "auto",
+        **settings: Any,
+    ) -> AsyncIterator[StreamItem]:
+        request = await self._request(messages, tools, tool_choice, settings)
+        # Only opening the stream is retried: once deltas have reached the caller, a retry would repeat them.
+        stream = await self._with_retries(lambda: self._client().chat.completions.create(**request, stream=True))
+        normaliser, accumulator = _StreamNormaliser(), DeltaAccumulator()
+        try:
+            while (chunk := await self._next_chunk(stream)) is not None:
+                for delta in normaliser.feed(chunk):
+                    accumulator.add(delta)
+                    yield delta
+        finally:
+            await stream.close()
+        for delta in normaliser.finish():
+            accumulator.add(delta)
+            yield delta
+        yield accumulator.message(normaliser.finish_reason)
+
+    async def _next_chunk(self, stream: Any) -> Any:
+        """The next chunk, or None at the end; any transport failure mid-stream is the server's fault."""
+        try:
+            return await stream.__anext__()
+        except StopAsyncIteration:
+            return None
+        except Exception as exc:  # the SDK's transport errors have no common base class we can name
+            raise ModelError(f"the stream from {self.base_url} broke off: {_reason(exc)}") from exc
+
+    async def aclose(self) -> None:
+        clients, self._clients = self._clients, {}
+        for client in clients.values():
+            await client.close()
+
+    def _client(self) -> openai.AsyncOpenAI:
+        """One client per event loop: httpx connection pools cannot cross loops."""
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            for stale in [old for old in self._clients if old.is_closed()]:
+                del self._clients[stale]
+            client = openai.AsyncOpenAI(
+                base_url=self.base_url, api_key=self._api_key, timeout=self.timeout, max_retries=0
+            )
+            self._clients[loop] = client
+        return client
+
+    async def _request(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]], tool_choice: ToolChoice,
+        settings: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        merged = {**self.settings, **settings}
+        request: dict[str, Any] = {"model": await self._model_name(), "messages": list(messages)}
+        request.update({key: value for key, value in merged.items() if key in _TYPED_SETTINGS})
+        extra = {key: value for key, value in merged.items() if key not in _TYPED_SETTINGS}
+        if tools:
+            request["tools"] = list(tools)
+            request["tool_choice"] = tool_choice
+            if extra.pop("parallel_tool_calls", True) is False:
+                request["parallel_tool_calls"] = False
+        else:
+            extra.pop("parallel_tool_calls", None)
+        if extra:
+            request["extra_body"] = extra
+        return request
+
+    async def _model_name(self) -> str:
+        if self.model is None:
+            page = await self._with_retries(lambda: self._client().models.list())
+            names = [entry.id for entry in getattr(page, "data", None) or []]
+            if not names:
+                raise ModelError(f"no model name was given and {self.base_url}/models lists none; pass model=...")
+            self.model = names[0]
+        return self.model
+
+    async def _with_retries(self, send: Callable[[], Awaitable[T]]) -> T:
+        """Retry connection failures, 408, 409, 429 and 5xx with backoff; other errors fail at once."""
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(_is_retryable),
+            wait=self._wait,
+            stop=stop_after_attempt(self.max_retries + 1),
+            reraise=True,
+            before_sleep=lambda state: logger.info("retrying %s: %s", self.base_url, state.outcome),
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    return await send()
+        except openai.APIStatusError as exc:
+            raise ModelError(f"{self.base_url} answered {exc.status_code}: {_reason(exc)}") from exc
+        except openai.APIConnectionError as exc:
+            raise ModelError(f"cannot reach {self.base_url}: {_reason(exc)}") from exc
+        except openai.OpenAIError as exc:
+            raise ModelError(f"request to {self.base_url} failed: {_reason(exc)}") from exc
+        raise AssertionError("unreachable: tenacity either returns or re-raises")
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    if isinstance(exc, openai.APIConnectionError):  # includes timeouts
+        return True
+    return isinstance(exc, openai.APIStatusError) and (exc.status_code in _RETRY_STATUSES or exc.status_code >= 500)
+
+
+class _RetryAfterOrBackoff:
+    """Honour a server's Retry-After (seconds, up to a minute); otherwise exponential backoff with jitter."""
+
+    def __init__(self, backoff: Callable[[RetryCallState], float]) -> None:
+        self._backoff = backoff
+
+    def __call__(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        response = getattr(exc, "response", None)
+        header = response.headers.get("retry-after") if response is not None else None
+        try:
+            return min(max(float(header), 0.0), _RETRY_AFTER_CAP) if header else self._backoff(state)
+        except ValueError:  # an HTTP date; backoff is close enough
+            return self._backoff(state)
+
+
+def _reason(exc: BaseException) -> str:
+    """The server's own error message where it sent one, else the exception's."""
+    body = getattr(exc, "body", None)
+    if isinstance(body, Mapping):
+        error = body.get("error", body)
+        message = error.get("message") if isinstance(error, Mapping) else error
+        if message:
+            return str(message)[:500]
+    cause = exc.__cause__ or exc.__context__
+    text = str(exc)
+    return f"{text} ({cause})" if cause and str(cause) not in text else text
+
+
+def _message_from_choice(choice: Any, usage: Any) -> AssistantMessage:
+    message = choice.message
+    calls = [
+        ToolCall(call.id or new_call_id(), call.function.name or "", arguments_text(call.function.arguments))
+        for call in getattr(message, "tool_calls", None) or []
+        if getattr(call, "function", None) is not None
+    ]
+    legacy = getattr(message, "function_call", None)  # pre-"tools" servers
+    if legacy is not None and not calls:
+        calls.append(ToolCall(new_call_id(), legacy.name or "", arguments_text(legacy.arguments)))
+    usage_dict = usage.model_dump() if hasattr(usage, "model_dump") else None
+    return AssistantMessage(message.content, calls, choice.finish_reason, usage_dict)
+
+
+@dataclass
+class _CallState:
+    id: str | None = None
+    name: str = ""
+    started: bool = False
+
+
+@dataclass
+class _StreamNormaliser:
+    """Raw SDK chunks -> clean deltas. A call is announced once its name is complete: when its arguments
+    begin, another call begins, or the stream ends (names may be split over several deltas)."""
+
+    calls: dict[int, _CallState] = field(default_factory=dict)
+    finish_reason: str | None = None
+
+    def feed(self, chunk: Any) -> list[Delta]:
+        choices = getattr(chunk, "choices", None) or []
+        if not choices:  # usage-only chunks
+            return []
+        choice = choices[0]
+        self.finish_reason = getattr(choice, "finish_reason", None) or self.finish_reason
+        delta = getattr(choice, "delta", None)
+        if delta is None:
+            return []
+        out: list[Delta] = []
+        if getattr(delta, "content", None):
+            out.append({"content": delta.content})
+        for raw in getattr(delta, "tool_calls", None) or []:
+            out.extend(self._call_delta(raw))
+        legacy = getattr(delta, "function_call", None)
+        if legacy is not None and not delta.tool_calls:
+            out.extend(self._call_delta(_LegacyCall(legacy)))
+        return out
+
+    def finish(self) -> list[Delta]:
+        return [delta for index in sorted(self.calls) for delta in self._announce(index)]
+
+    def _call_delta(self, raw: Any) -> list[Delta]:
+        index = getattr(raw, "index", None)
+        if index is None:  # some servers omit it: a new id opens a new call, otherwise continue the last one
+            new = raw.id is not None and all(state.id != raw.id for state in self.calls.values())
+            index = len(self.calls) if new or not self.calls else max(self.calls)
+        out = [delta for earlier in sorted(self.calls) if earlier < index for delta in self._announce(earlier)]
+        state = self.calls.setdefault(index, _CallState())
+        state.id = state.id or getattr(raw, "id", None)
+        function = getattr(raw, "function", None)
+        name = getattr(function, "name", None)
+        if name and not state.started and name != state.name:  # a repeated full name is not a continuation
+            state.name += name
+        arguments = arguments_text(getattr(function, "arguments", None))
+        if arguments:
+            out.extend(self._announce(index))
+            out.append({"tool_calls": [{"index": index, "function": {"arguments": arguments}}]})
+        return out
+
+    def _announce(self, index: int) -> list[Delta]:
+        state = self.calls[index]
+        if state.started:
+            return []
+        state.started = True
+        state.id = state.id or new_call_id()
+        head = {"index": index, "id": state.id, "type": "function", "function": {"name": state.name, "arguments": ""}}
+        return [{"tool_calls": [head]}]
+
+
+@dataclass
+class _LegacyCall:
+    function: Any
+    index: int = 0
+    id: str | None = None

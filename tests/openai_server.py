@@ -1,0 +1,149 @@
+"""A small OpenAI-compatible HTTP server on loopback, scripted by the tests.
+
+Real HTTP, real SSE, real dropped connections: the `openai` client in our remote model talks to it exactly as it
+would to vLLM or llama.cpp. Each request takes the next scripted action:
+
+- `reply(...)` / `{"json": body}`: a 200 JSON chat completion;
+- `{"sse": [chunk, ...]}`: a 200 event stream (optionally `"drop": True` to cut it after the chunks);
+- `{"status": 500, "body": {...}, "headers": {...}}`: an error response;
+- `{"drop": True}`: close the connection without answering.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+Action = dict[str, Any]
+
+
+def reply(
+    content: str | None = None, tool_calls: Iterable[dict[str, Any]] = (), finish_reason: str | None = None
+) -> Action:
+    calls = list(tool_calls)
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    default_finish = "tool_calls" if calls else "stop"
+    if calls:
+        message["tool_calls"] = calls
+    body = {
+        "id": "chatcmpl-test",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": "test-model",
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason or default_finish}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
+    return {"json": body}
+
+
+def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-test",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": "test-model",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+    }
+
+
+def function_call(name: str, arguments: str, id: str = "call_test") -> dict[str, Any]:
+    return {"id": id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+class ScriptedServer:
+    """Start with `with ScriptedServer(actions) as server:`; `server.base_url` ends in /v1."""
+
+    def __init__(self, actions: Iterable[Action] = (), handler: Callable[[dict[str, Any]], Action] | None = None):
+        self.actions = list(actions)
+        self.handler = handler
+        self.requests: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
+        self._lock = threading.Lock()
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def __enter__(self) -> ScriptedServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def next_action(self, body: dict[str, Any], headers: dict[str, str]) -> Action:
+        with self._lock:
+            self.requests.append(body)
+            self.headers.append(headers)
+            if self.handler is not None:
+                return self.handler(body)
+            if not self.actions:
+                return {"status": 500, "body": {"error": {"message": "the test server ran out of scripted replies"}}}
+            return self.actions.pop(0)
+
+
+def _make_handler(server: ScriptedServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:  # keep pytest output clean
+            pass
+
+        def do_GET(self) -> None:
+            if self.path.rstrip("/").endswith("/models"):
+                self._send_json(200, {"object": "list", "data": [{"id": "test-model", "object": "model"}]})
+            else:
+                self._send_json(404, {"error": {"message": f"no route {self.path}"}})
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("content-length", 0))
+            try:
+                body = json.loads(self.rfile.read(length) or b"{}")
+            except json.JSONDecodeError:
+                self._send_json(400, {"error": {"message": "request body is not JSON"}})
+                return
+            action = server.next_action(body, {k.lower(): v for k, v in self.headers.items()})
+            if "sse" in action:
+                self._send_sse(action["sse"], drop=action.get("drop", False))
+            elif action.get("drop"):
+                self.close_connection = True
+            elif "json" in action:
+                self._send_json(200, action["json"])
+            else:
+                self._send_json(action["status"], action.get("body", {}), action.get("headers", {}))
+
+        def _send_json(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _send_sse(self, chunks: list[dict[str, Any]], drop: bool) -> None:
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.send_header("transfer-encoding", "chunked")
+            self.end_headers()
+            events = [f"data: {json.dumps(c)}\n\n" for c in chunks] + ([] if drop else ["data: [DONE]\n\n"])
+            for event in events:
+                data = event.encode()
+                self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                self.wfile.flush()
+            if drop:  # cut mid-stream: no terminating chunk
+                self.close_connection = True
+                return
+            self.wfile.write(b"0\r\n\r\n")
+
+    return Handler
