@@ -50,6 +50,22 @@ def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, 
     }
 
 
+def as_chunks(completion: dict[str, Any]) -> list[dict[str, Any]]:
+    """A JSON chat completion as the stream chunks a server would send for it."""
+    choice = completion["choices"][0]
+    message = choice["message"]
+    chunks = [chunk({"role": "assistant", "content": message.get("content") or ""})]
+    for index, call in enumerate(message.get("tool_calls") or []):
+        head = {**call, "index": index, "function": {"name": call["function"]["name"], "arguments": ""}}
+        chunks.append(chunk({"tool_calls": [head]}))
+        arguments = call["function"]["arguments"]
+        for start in range(0, len(arguments), 7):
+            piece = {"index": index, "function": {"arguments": arguments[start : start + 7]}}
+            chunks.append(chunk({"tool_calls": [piece]}))
+    chunks.append(chunk({}, choice["finish_reason"]))
+    return chunks
+
+
 def function_call(name: str, arguments: str, id: str = "call_test") -> dict[str, Any]:
     return {"id": id, "type": "function", "function": {"name": name, "arguments": arguments}}
 
@@ -112,6 +128,8 @@ def _make_handler(server: ScriptedServer) -> type[BaseHTTPRequestHandler]:
                 self._send_json(400, {"error": {"message": "request body is not JSON"}})
                 return
             action = server.next_action(body, {k.lower(): v for k, v in self.headers.items()})
+            if body.get("stream") and "json" in action:  # a scripted reply, asked for as a stream
+                action = {"sse": as_chunks(action["json"])}
             if "sse" in action:
                 self._send_sse(action["sse"], drop=action.get("drop", False))
             elif action.get("drop"):

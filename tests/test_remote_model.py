@@ -196,3 +196,9 @@ def _answer(body: dict[str, Any]) -> dict[str, Any]:
     if body.get("stream"):
         return {"sse": [chunk({"content": text[:5]}), chunk({"content": text[5:]}), chunk({}, "stop")]}
     return reply(text)
+
+
+def test_a_plain_json_body_for_a_stream_request_is_an_error() -> None:
+    not_a_stream = {"status": 200, "body": reply("x")["json"]}
+    with ScriptedServer([not_a_stream]) as server, pytest.raises(ModelError, match="no stream chunks"):
+        collect(fast_model(server, model="m"))

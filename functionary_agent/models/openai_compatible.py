@@ -116,11 +116,14 @@ class OpenAICompatibleModel(ChatModel):
         normaliser, accumulator = _StreamNormaliser(), DeltaAccumulator()
         try:
             while (chunk := await self._next_chunk(stream)) is not None:
+                normaliser.chunks += 1
                 for delta in normaliser.feed(chunk):
                     accumulator.add(delta)
                     yield delta
         finally:
             await stream.close()
+        if not normaliser.chunks:  # e.g. a plain JSON body where an event stream was asked for
+            raise ModelError(f"{self.base_url} sent no stream chunks for a streaming request")
         for delta in normaliser.finish():
             accumulator.add(delta)
             yield delta
@@ -266,6 +269,7 @@ class _StreamNormaliser:
 
     calls: dict[int, _CallState] = field(default_factory=dict)
     finish_reason: str | None = None
+    chunks: int = 0
 
     def feed(self, chunk: Any) -> list[Delta]:
         choices = getattr(chunk, "choices", None) or []

@@ -1,0 +1,160 @@
+"""`functionary-agent run` as a user runs it: a real process, a real server on loopback, a real terminal."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from functionary_agent._loading import load_tools
+from functionary_agent.errors import ConfigurationError, ToolDefinitionError
+from tests.openai_server import ScriptedServer, function_call, reply
+
+ROOT = Path(__file__).resolve().parents[1]
+WEATHER = str(ROOT / "examples" / "weather.py")
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FUNCTIONARY_")}
+    return subprocess.run(
+        [sys.executable, "-m", "functionary_agent.cli", *args],
+        capture_output=True, text=True, timeout=60, env={**clean, **(env or {})}, cwd=ROOT,
+    )
+
+
+def weather_script(body: dict[str, Any]) -> dict[str, Any]:
+    if body["messages"][-1]["role"] == "tool":
+        result = json.loads(body["messages"][-1]["content"])
+        return reply(f"It is {result['temperature']} degrees and {result['condition']} in Istanbul.")
+    return reply(None, [function_call("get_weather", '{"location": "Istanbul"}')])
+
+
+def test_run_prints_call_result_and_answer() -> None:
+    with ScriptedServer(handler=weather_script) as server:
+        done = cli("run", "What is the weather in Istanbul?", "--tools", WEATHER, "--base-url", server.base_url)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == 'get_weather({"location": "Istanbul"})'
+    result = json.loads(lines[1].removeprefix("  -> "))
+    assert result["location"] == "Istanbul"
+    assert lines[2] == f"It is {result['temperature']} degrees and {result['condition']} in Istanbul."
+    assert server.requests[0]["tools"][0]["function"]["name"] == "get_weather"
+
+
+def test_run_json_prints_the_messages() -> None:
+    with ScriptedServer(handler=weather_script) as server:
+        done = cli("run", "weather?", "--tools", WEATHER, "--json", env={"FUNCTIONARY_BASE_URL": server.base_url})
+    assert done.returncode == 0, done.stderr
+    messages = json.loads(done.stdout)
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "assistant"]
+
+
+def test_run_without_a_server_explains_how_to_set_one() -> None:
+    done = cli("run", "hello")
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and "--base-url" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_server_errors_exit_1_with_one_line() -> None:
+    with ScriptedServer([{"status": 400, "body": {"error": {"message": "model not loaded"}}}]) as server:
+        done = cli("run", "hello", "--base-url", server.base_url, "--model", "m")
+    assert done.returncode == 1
+    assert done.stderr == f"functionary-agent: error: {server.base_url} answered 400: model not loaded\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "hi", "--tools", "no/such/file.py"], "tools file not found"),
+        (["run", "hi", "--tools", "no_such_module_xyz"], "cannot import tools module"),
+        (["run"], "the following arguments are required: prompt"),
+        (["fly"], "invalid choice"),
+    ],
+)
+def test_usage_errors_exit_2(args: list[str], message: str) -> None:
+    done = cli(*args)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_broken_tools_file_is_a_usage_error(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.py"
+    broken.write_text("raise RuntimeError('import-time failure')\n")
+    done = cli("run", "hi", "--tools", str(broken))
+    assert done.returncode == 2 and "import-time failure" in done.stderr and "Traceback" not in done.stderr
+    bad_tool = tmp_path / "bad_tool.py"
+    bad_tool.write_text("def f(*items):\n    return items\n")
+    done = cli("run", "hi", "--tools", str(bad_tool))
+    assert done.returncode == 2 and "parameter *items" in done.stderr
+
+
+def test_loading_prefers_marked_tools_and_skips_imports(tmp_path: Path) -> None:
+    plain = tmp_path / "plain.py"
+    plain.write_text(
+        "from json import dumps\n\ndef public(x: int) -> int:\n    return x\n\ndef _private():\n    pass\n"
+    )
+    assert [t.name for t in load_tools(str(plain))] == ["public"]
+    marked = tmp_path / "marked.py"
+    marked.write_text(
+        "from functionary_agent import tool\n\n@tool\ndef chosen(x: int) -> int:\n    return x\n\n"
+        "def helper() -> None:\n    pass\n"
+    )
+    assert [t.name for t in load_tools(str(marked))] == ["chosen"]
+    assert [t.name for t in load_tools("examples.weather")] == ["get_weather"]
+    empty = tmp_path / "empty.py"
+    empty.write_text("X = 1\n")
+    with pytest.raises(ToolDefinitionError, match="no public functions"):
+        load_tools(str(empty))
+    with pytest.raises(ConfigurationError, match="not found"):
+        load_tools(str(tmp_path / "missing.py"))
+
+
+def test_on_a_terminal_the_answer_streams_with_styles() -> None:
+    with ScriptedServer(handler=weather_script) as server:
+        output = _run_in_terminal(
+            [sys.executable, "-m", "functionary_agent.cli", "run", "weather?", "--tools", WEATHER,
+             "--base-url", server.base_url]
+        )
+    assert "\x1b[" in output  # rich styled it
+    plain = _strip_ansi(output)
+    assert 'get_weather({"location": "Istanbul"})' in plain
+    assert "degrees and" in plain and "in Istanbul." in plain
+
+
+def _run_in_terminal(command: list[str], timeout: float = 60) -> str:
+    leader, follower = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FUNCTIONARY_")}
+    process = subprocess.Popen(command, stdin=follower, stdout=follower, stderr=follower, cwd=ROOT,
+                               env={**env, "TERM": "xterm-256color", "COLUMNS": "120"})
+    os.close(follower)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([leader], [], [], 0.1)
+        if ready:
+            try:
+                data = os.read(leader, 4096)
+            except OSError:
+                break
+            if not data:
+                break
+            chunks.append(data)
+        elif process.poll() is not None:
+            break
+    process.wait(timeout=5)
+    os.close(leader)
+    assert process.returncode == 0, b"".join(chunks).decode(errors="replace")
+    return b"".join(chunks).decode(errors="replace")
+
+
+def _strip_ansi(text: str) -> str:
+    import re
+
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text).replace("\r", "")
