@@ -56,6 +56,7 @@ class Conversation:
         if max_concurrency is not None and max_concurrency < 1:
             raise ConfigurationError(f"max_concurrency must be at least 1 or None, got {max_concurrency}")
         self.model = _resolve_model(model, base_url, api_key)
+        self._owns_model = not isinstance(model, ChatModel)  # close only what this conversation created
         self.messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
         self.tool_choice = tool_choice
         self.max_turns = max_turns
@@ -180,6 +181,27 @@ class Conversation:
             self.messages.append(tool_message(call, result.content if result else CANCELLED))
             if result is not None and not result.is_error:
                 answered[call_key(call)] = result.content
+
+    # -- lifetime ----------------------------------------------------------------------------------------
+    async def aclose(self) -> None:
+        """Release what this conversation started (a model client it created); a model passed in stays open."""
+        if self._owns_model:
+            await self.model.aclose()
+
+    def close(self) -> None:
+        _sync.run(self.aclose())
+
+    def __enter__(self) -> Conversation:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Conversation:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
 
     # -- persistence -------------------------------------------------------------------------------------
     def reset(self) -> None:

@@ -178,8 +178,9 @@ def test_conversation_end_to_end_over_http_submit_and_stream() -> None:
     def get_weather(location: str) -> dict[str, Any]:
         return {"location": location, "temperature": len(location)}
 
-    with ScriptedServer(handler=script) as server:
-        chat = Conversation(base_url=server.base_url, model="functionary", tools=[get_weather])
+    with ScriptedServer(handler=script) as server, Conversation(
+        base_url=server.base_url, model="functionary", tools=[get_weather]
+    ) as chat:
         assert chat.submit("weather in Istanbul and Hanoi?") == "Istanbul 8, Hanoi 5"
         events = list(chat.stream("again, streamed"))
     assert [m["role"] for m in chat.messages] == ["user", "assistant", "tool", "tool", "assistant"] * 2

@@ -139,9 +139,11 @@ class OpenAICompatibleModel(ChatModel):
             raise ModelError(f"the stream from {self.base_url} broke off: {_reason(exc)}") from exc
 
     async def aclose(self) -> None:
+        """Close this loop's connections; clients of other (finished) loops are simply dropped."""
+        loop = asyncio.get_running_loop()
         clients, self._clients = self._clients, {}
-        for client in clients.values():
-            await client.close()
+        if loop in clients:
+            await clients[loop].close()
 
     def _client(self) -> openai.AsyncOpenAI:
         """One client per event loop: httpx connection pools cannot cross loops."""
@@ -295,9 +297,12 @@ class _StreamNormaliser:
 
     def _call_delta(self, raw: Any) -> list[Delta]:
         index = getattr(raw, "index", None)
-        if index is None:  # some servers omit it: a new id opens a new call, otherwise continue the last one
-            new = raw.id is not None and all(state.id != raw.id for state in self.calls.values())
-            index = len(self.calls) if new or not self.calls else max(self.calls)
+        if index is None:  # some servers omit it: a known id continues its call, a new one opens a call
+            known = [i for i, state in self.calls.items() if raw.id is not None and state.id == raw.id]
+            if known:
+                index = known[0]
+            else:
+                index = len(self.calls) if raw.id is not None or not self.calls else max(self.calls)
         out = [delta for earlier in sorted(self.calls) if earlier < index for delta in self._announce(earlier)]
         state = self.calls.setdefault(index, _CallState())
         state.id = state.id or getattr(raw, "id", None)
