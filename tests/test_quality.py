@@ -34,3 +34,18 @@ def test_import_does_not_pull_heavy_dependencies() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == ""
+
+
+def test_functions_stay_short() -> None:
+    """The style guide's hard limit: no function over 60 lines in the shipped packages."""
+    import ast
+
+    too_long = []
+    for package in ("functionary_agent", "sandbox"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    length = (node.end_lineno or node.lineno) - node.lineno + 1
+                    if length > 60:
+                        too_long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({length} lines)")
+    assert not too_long, "\n".join(too_long)
