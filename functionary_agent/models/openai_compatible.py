@@ -297,12 +297,8 @@ class _StreamNormaliser:
 
     def _call_delta(self, raw: Any) -> list[Delta]:
         index = getattr(raw, "index", None)
-        if index is None:  # some servers omit it: a known id continues its call, a new one opens a call
-            known = [i for i, state in self.calls.items() if raw.id is not None and state.id == raw.id]
-            if known:
-                index = known[0]
-            else:
-                index = len(self.calls) if raw.id is not None or not self.calls else max(self.calls)
+        if index is None:
+            index = self._index_without_one(getattr(raw, "id", None))
         out = [delta for earlier in sorted(self.calls) if earlier < index for delta in self._announce(earlier)]
         state = self.calls.setdefault(index, _CallState())
         state.id = state.id or getattr(raw, "id", None)
@@ -315,6 +311,13 @@ class _StreamNormaliser:
             out.extend(self._announce(index))
             out.append({"tool_calls": [{"index": index, "function": {"arguments": arguments}}]})
         return out
+
+    def _index_without_one(self, call_id: str | None) -> int:
+        """Some servers omit `index`: a known id continues its call, a new id opens one, no id continues."""
+        for index, state in self.calls.items():
+            if call_id is not None and state.id == call_id:
+                return index
+        return len(self.calls) if call_id is not None or not self.calls else max(self.calls)
 
     def _announce(self, index: int) -> list[Delta]:
         state = self.calls[index]
