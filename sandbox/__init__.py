@@ -1,0 +1,27 @@
+"""A code interpreter for models: a Jupyter kernel behind OS limits.
+
+    from sandbox import KernelSandbox
+    with KernelSandbox(timeout=60, network=False) as box:
+        print(box.execute("1 + 1").to_model_text())
+
+This package never imports `functionary_agent`; the conversation adapts it into the model's `python` tool.
+"""
+
+from __future__ import annotations
+
+from .errors import IsolationUnavailableError, KernelStartError, SandboxClosedError, SandboxError
+from .isolation import ENV_ALLOWLIST, Isolation
+from .kernel import KernelSandbox
+from .result import CellError, ExecutionResult
+
+__all__ = [
+    "ENV_ALLOWLIST",
+    "CellError",
+    "ExecutionResult",
+    "Isolation",
+    "IsolationUnavailableError",
+    "KernelSandbox",
+    "KernelStartError",
+    "SandboxClosedError",
+    "SandboxError",
+]

@@ -1,0 +1,23 @@
+"""Exceptions for the caller's mistakes and for failures of the sandbox itself.
+
+What the executed code does wrong (exceptions, timeouts, a crashed kernel) is never raised: it is reported in the
+`ExecutionResult`, because the model can read it and fix its code.
+"""
+
+from __future__ import annotations
+
+
+class SandboxError(Exception):
+    """Root of every error the sandbox raises on purpose."""
+
+
+class IsolationUnavailableError(SandboxError):
+    """A requested limit (such as `network=False`) cannot be enforced on this machine; we refuse to pretend."""
+
+
+class KernelStartError(SandboxError):
+    """The kernel process did not come up; the message carries the end of its stderr."""
+
+
+class SandboxClosedError(SandboxError):
+    """The sandbox was used after `close()`."""

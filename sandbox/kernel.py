@@ -1,0 +1,199 @@
+"""`KernelSandbox`: the public face of the code interpreter.
+
+A thin synchronous and asynchronous facade over `Engine`, which runs on a private loop thread. The kernel is
+killed by `close()`, by garbage collection, or at interpreter exit (a `weakref.finalize` that needs no reference
+to the sandbox), and ipykernel itself exits when its parent process disappears: no orphan kernel survives us.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import weakref
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+
+from .engine import Engine
+from .errors import SandboxClosedError
+from .isolation import Isolation, host_support, plan_isolation
+from .janitor import sweep_leftovers
+from .loop import LoopThread
+from .process import KernelSettings
+from .result import ExecutionResult
+
+logger = logging.getLogger(__name__)
+
+_MIN_PROCESSES = 16  # ipykernel alone runs about ten threads, and Linux counts threads as processes
+
+
+class KernelSandbox:
+    """A stateful Python kernel for model-written code, behind OS limits.
+
+    `timeout` is per execution (seconds); `memory_mb` caps the kernel's address space (RLIMIT_AS);
+    `max_processes` caps processes *and threads* (pids cgroup, or RLIMIT_NPROC without root); `max_file_mb`
+    caps the size of any one file written (RLIMIT_FSIZE); `max_output_chars` bounds each output stream (head and
+    tail are kept). `env` adds variables to the allowlisted ones. `network=False` blocks all network access
+    through a private network namespace, or raises `IsolationUnavailableError` where that is impossible.
+    """
+
+    def __init__(
+        self,
+        workdir: str | Path | None = None,
+        timeout: float = 60,
+        memory_mb: int = 2048,
+        max_processes: int = 64,
+        max_output_chars: int = 20_000,
+        env: Mapping[str, str] | None = None,
+        network: bool = True,
+        *,
+        max_file_mb: int = 1024,
+        interrupt_grace: float = 1.0,
+        startup_timeout: float = 60.0,
+        python: str | None = None,
+    ) -> None:
+        _check_limits(timeout, memory_mb, max_processes, max_output_chars, max_file_mb)
+        support = host_support()
+        sweep_leftovers(support.pids_cgroup_root)
+        self.isolation: Isolation = plan_isolation(network, support)
+        self.timeout = float(timeout)
+        owned = workdir is None
+        if workdir is None:
+            self.workdir = Path(tempfile.mkdtemp(prefix=f"kernelsandbox-work-{os.getpid()}-"))
+        else:
+            self.workdir = Path(workdir).expanduser().resolve()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        settings = KernelSettings(
+            workdir=self.workdir,
+            isolation=self.isolation,
+            cgroup_root=support.pids_cgroup_root,
+            memory_mb=memory_mb,
+            max_processes=max_processes,
+            max_file_mb=max_file_mb,
+            max_output_chars=max_output_chars,
+            startup_timeout=startup_timeout,
+            python=python or sys.executable,
+            env=dict(env or {}),
+        )
+        self._engine = Engine(settings, interrupt_grace)
+        self._loop = LoopThread("sandbox-kernel-loop")
+        self._finalizer = weakref.finalize(self, _shutdown, self._loop, self._engine, self.workdir if owned else None)
+
+    @property
+    def data_path(self) -> str:
+        """Where the code sees the workdir: "/mnt/data" when mounted there, else the workdir's own path."""
+        return self._engine.visible_workdir
+
+    @property
+    def kernel_pid(self) -> int | None:
+        """Pid of the running kernel process (None before start and after close)."""
+        return self._engine.kernel_pid
+
+    @property
+    def ready(self) -> bool:
+        """True once a kernel is up and answering (after `start`, or when a background start has finished)."""
+        return self._engine.ready
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def _ensure_open(self) -> None:
+        if self.closed:
+            raise SandboxClosedError("the sandbox is closed")
+
+    def start_background(self) -> None:
+        """Start the kernel without waiting, so it is ready by the time the model sends its first cell."""
+        self._ensure_open()
+        self._loop.call_soon(self._engine.start_soon)
+
+    def start(self) -> None:
+        """Start the kernel (if needed) and wait until it answers; raises KernelStartError if it cannot."""
+        self._ensure_open()
+        self._loop.call(self._engine.kernel())
+
+    def execute(self, code: str, timeout: float | None = None) -> ExecutionResult:
+        """Run one cell; faults of the code (exceptions, time-outs, a crashed kernel) are in the result."""
+        self._ensure_open()
+        try:
+            return self._loop.call(self._engine.execute(code, self.timeout if timeout is None else timeout))
+        except concurrent.futures.CancelledError:
+            raise self._closed_during_call() from None
+
+    async def aexecute(self, code: str, timeout: float | None = None) -> ExecutionResult:
+        """Async twin of `execute`; never blocks the caller's loop. Cancelling it interrupts the cell."""
+        self._ensure_open()
+        try:
+            return await self._loop.acall(self._engine.execute(code, self.timeout if timeout is None else timeout))
+        except asyncio.CancelledError:
+            if self.closed:
+                raise self._closed_during_call() from None
+            raise
+
+    def _closed_during_call(self) -> BaseException:
+        if self.closed:
+            return SandboxClosedError("the sandbox was closed during this call")
+        return concurrent.futures.CancelledError()
+
+    def reset(self) -> None:
+        """Replace the kernel with a fresh one (all variables are lost; files in the workdir stay)."""
+        self._ensure_open()
+        self._loop.call(self._engine.reset())
+
+    async def areset(self) -> None:
+        self._ensure_open()
+        await self._loop.acall(self._engine.reset())
+
+    def close(self) -> None:
+        """Kill the kernel and everything it spawned; remove the workdir if the sandbox created it."""
+        self._finalizer()
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self._finalizer)
+
+    def __enter__(self) -> KernelSandbox:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> KernelSandbox:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+
+def _check_limits(timeout: float, memory_mb: int, max_processes: int, max_output_chars: int, max_file_mb: int) -> None:
+    if timeout <= 0:
+        raise ValueError("timeout must be > 0 seconds")
+    if memory_mb < 256:
+        raise ValueError("memory_mb must be >= 256: the Python kernel alone needs about 200 MB of address space")
+    if max_processes < _MIN_PROCESSES:
+        raise ValueError(f"max_processes must be >= {_MIN_PROCESSES}: Linux counts the kernel's threads as processes")
+    if max_output_chars < 100:
+        raise ValueError("max_output_chars must be >= 100")
+    if max_file_mb < 1:
+        raise ValueError("max_file_mb must be >= 1")
+
+
+def _shutdown(loop: LoopThread, engine: Engine, workdir: Path | None) -> None:
+    """Close on the loop when it still runs, then kill at OS level whatever remains; never raises."""
+    try:
+        if loop.running and not loop.in_loop_thread():
+            loop.call(engine.aclose(), timeout=15)
+    except Exception as exc:
+        logger.warning("sandbox close on its loop failed (%s); killing its processes directly", exc)
+    engine.kill_now()
+    loop.stop()
+    if workdir is not None:
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -1,0 +1,73 @@
+"""What one execution produced, and the text the model reads about it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .output import truncate
+
+
+@dataclass(frozen=True)
+class CellError:
+    """An exception raised by the executed code; `traceback` is plain text (ANSI codes removed)."""
+
+    ename: str
+    evalue: str
+    traceback: str
+
+
+@dataclass
+class ExecutionResult:
+    """Everything one `execute` call saw. Faults of the code (errors, timeouts, a dead kernel) live here.
+
+    `images` and `files` are paths on the host; `to_model_text` shows them as the code sees them
+    (under /mnt/data when that mount exists).
+    """
+
+    stdout: str = ""
+    stderr: str = ""
+    result: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+    displays: list[str] = field(default_factory=list)
+    error: CellError | None = None
+    images: list[Path] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+    timed_out: bool = False
+    restarted: bool = False
+    kernel_died: bool = False
+    notes: list[str] = field(default_factory=list)
+    execution_count: int | None = None
+    duration: float = 0.0
+    workdir: Path | None = None
+    visible_workdir: str | None = None
+    max_chars: int = 20_000
+
+    @property
+    def ok(self) -> bool:
+        """True when the code ran to completion without an exception."""
+        return self.error is None and not self.timed_out and not self.kernel_died
+
+    def visible_path(self, path: Path) -> str:
+        """The path as the code inside the kernel names it."""
+        if self.workdir is not None and self.visible_workdir is not None:
+            try:
+                return str(Path(self.visible_workdir) / path.relative_to(self.workdir))
+            except ValueError:
+                pass
+        return str(path)
+
+    def to_model_text(self) -> str:
+        """One string for the model: output, result, error, saved files, then what the sandbox did."""
+        parts = [text.rstrip("\n") for text in (self.stdout, self.stderr, *self.displays) if text.strip()]
+        if self.result is not None:
+            parts.append(self.result)
+        if self.error is not None:
+            parts.append(self.error.traceback or f"{self.error.ename}: {self.error.evalue}")
+        parts += [f"[image saved: {self.visible_path(p)}]" for p in self.images]
+        if self.files:
+            parts.append("[files written: " + ", ".join(self.visible_path(p) for p in self.files) + "]")
+        parts += [f"[{note}]" for note in self.notes]
+        text = "\n".join(parts) if parts else "[no output]"
+        return truncate(text, self.max_chars + 1_000)
