@@ -7,12 +7,13 @@ import os
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pydantic
 
 from functionary_agent import _sync
 from functionary_agent._calls import CANCELLED, call_key, run_calls, tool_message
+from functionary_agent._interpreter import PythonTool, is_code_interpreter
 from functionary_agent.errors import ConfigurationError, MaxTurnsExceeded, ModelError, ToolDefinitionError
 from functionary_agent.events import (
     Event,
@@ -25,6 +26,9 @@ from functionary_agent.events import (
 from functionary_agent.models.base import AssistantMessage, ChatModel, ToolCall, ToolChoice
 from functionary_agent.tools import Tool
 
+if TYPE_CHECKING:
+    from sandbox import KernelSandbox
+
 Content = str | list[dict[str, Any]] | None
 _SAVE_FORMAT = "functionary-agent/conversation"
 
@@ -33,6 +37,8 @@ class Conversation:
     """A chat with a model that may call the registered tools; `submit` runs calls until a final answer.
 
     `model` is a `ChatModel`, or a model name for the server at `base_url` (or `FUNCTIONARY_BASE_URL`).
+    `code_interpreter` (True, a dict of `KernelSandbox` settings, or a `KernelSandbox`) adds the `python` tool,
+    backed by a sandboxed Jupyter kernel that starts in the background now; `close()` shuts it down.
     Forced choices (`tool_choice="required"` or a named function) apply to the first model turn of each
     submit; later turns use "auto", otherwise the model could never answer.
     """
@@ -44,11 +50,12 @@ class Conversation:
         base_url: str | None = None,
         api_key: str | None = None,
         system: str | None = None,
-        tools: Iterable[Callable[..., Any] | Tool] = (),
+        tools: Iterable[Callable[..., Any] | Tool | Mapping[str, Any]] = (),
         tool_choice: ToolChoice = "auto",
         max_turns: int = 10,
         parallel_tool_calls: bool = True,
         max_concurrency: int | None = None,
+        code_interpreter: bool | KernelSandbox | Mapping[str, Any] = False,
         **settings: Any,
     ) -> None:
         if max_turns < 1:
@@ -64,8 +71,14 @@ class Conversation:
         self.max_concurrency = 1 if not parallel_tool_calls else max_concurrency
         self.settings = settings
         self._tools: dict[str, Tool] = {}
+        tools = list(tools)
+        if any(is_code_interpreter(item) for item in tools) and code_interpreter is False:
+            code_interpreter = True  # tools=[{"type": "code_interpreter"}] asks for it the OpenAI way
         for item in tools:
-            self.register(item)
+            if not is_code_interpreter(item):
+                self.register(item)  # type: ignore[arg-type]
+        if code_interpreter is not False:
+            self.register(PythonTool.start(code_interpreter))
 
     # -- tools -------------------------------------------------------------------------------------------
     def register(
@@ -184,7 +197,11 @@ class Conversation:
 
     # -- lifetime ----------------------------------------------------------------------------------------
     async def aclose(self) -> None:
-        """Release what this conversation started (a model client it created); a model passed in stays open."""
+        """Release what this conversation started (its code sandbox, a model client it created); a model or
+        sandbox passed in stays open."""
+        for tool in self._tools.values():
+            if isinstance(tool, PythonTool):
+                await tool.aclose()
         if self._owns_model:
             await self.model.aclose()
 

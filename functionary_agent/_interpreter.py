@@ -1,0 +1,92 @@
+"""The code interpreter as the model's `python` tool: one `sandbox.KernelSandbox` per conversation.
+
+The model is sent `{"type": "code_interpreter"}` (so Functionary prompts announce the stateful Jupyter tool the
+models were trained on) and calls `python` with `{"code": ...}`; raw code is accepted too, since that is what
+the models write and some servers pass it through unwrapped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from functionary_agent.errors import ConfigurationError
+from functionary_agent.tools import Tool, ToolOutcome
+
+if TYPE_CHECKING:
+    from sandbox import KernelSandbox
+
+CODE_INTERPRETER: dict[str, str] = {"type": "code_interpreter"}
+PYTHON = "python"
+_DESCRIPTION = "Run Python code in a stateful Jupyter kernel; files go under /mnt/data."
+_PARAMETERS = {"type": "object", "properties": {"code": {"type": "string"}}, "required": ["code"]}
+
+
+def is_code_interpreter(item: object) -> bool:
+    return isinstance(item, Mapping) and item.get("type") == "code_interpreter"
+
+
+class PythonTool(Tool):
+    """Runs the model's code in a sandbox; the result text (output, traceback, saved images) is what the model
+    reads. `owns_sandbox` says whether closing the conversation closes the sandbox."""
+
+    def __init__(self, box: KernelSandbox, *, owns_sandbox: bool) -> None:
+        super().__init__(PYTHON, _DESCRIPTION, dict(_PARAMETERS), self.execute)
+        self.sandbox = box
+        self.owns_sandbox = owns_sandbox
+
+    @classmethod
+    def start(cls, option: bool | KernelSandbox | Mapping[str, Any]) -> PythonTool:
+        """A tool over a sandbox from `code_interpreter=`: True (defaults), a dict of KernelSandbox settings, or a
+        KernelSandbox the caller keeps ownership of. The kernel starts now, in the background."""
+        try:
+            from sandbox import KernelSandbox
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"the code interpreter needs jupyter-client and ipykernel: pip install 'functionary-agent[sandbox]' "
+                f"({exc})"
+            ) from None
+        if isinstance(option, KernelSandbox):
+            box, owned = option, False
+        else:
+            box, owned = KernelSandbox(**(dict(option) if isinstance(option, Mapping) else {})), True
+        box.start_background()
+        return cls(box, owns_sandbox=owned)
+
+    def to_openai(self) -> dict[str, Any]:
+        return dict(CODE_INTERPRETER)
+
+    async def run(self, arguments: str | Mapping[str, Any] | None) -> ToolOutcome:
+        started = time.perf_counter()
+        code = code_of(arguments)
+        if not code.strip():
+            return ToolOutcome('Error: python needs code to run: {"code": "print(1 + 1)"}', is_error=True)
+        try:
+            result = await self.sandbox.aexecute(code)
+        except Exception as exc:  # a sandbox that cannot start or was closed: the model should hear why
+            return ToolOutcome(f"Error: the code interpreter failed: {exc}", True, time.perf_counter() - started)
+        return ToolOutcome(result.to_model_text(), not result.ok, time.perf_counter() - started)
+
+    async def aclose(self) -> None:
+        if self.owns_sandbox:
+            await self.sandbox.aclose()
+
+    def execute(self, code: str) -> str:
+        """Run `code` from sync code (calling the tool directly); the loop uses the async `run`."""
+        return self.sandbox.execute(code).to_model_text()
+
+
+def code_of(arguments: str | Mapping[str, Any] | None) -> str:
+    """The code in a python call: `{"code": ...}` as JSON or a dict, else the raw text itself."""
+    if isinstance(arguments, Mapping):
+        return str(arguments.get("code", ""))
+    text = arguments or ""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+    if isinstance(value, dict):
+        return value["code"] if isinstance(value.get("code"), str) else ""
+    return value if isinstance(value, str) else text  # a JSON string, or code that happens to be JSON (`42`)
