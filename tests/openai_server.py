@@ -131,7 +131,10 @@ def _make_handler(server: ScriptedServer) -> type[BaseHTTPRequestHandler]:
             if body.get("stream") and "json" in action:  # a scripted reply, asked for as a stream
                 action = {"sse": as_chunks(action["json"])}
             if "sse" in action:
-                self._send_sse(action["sse"], drop=action.get("drop", False))
+                try:
+                    self._send_sse(action["sse"], drop=action.get("drop", False))
+                except (BrokenPipeError, ConnectionResetError):  # the client stopped reading (Ctrl-C, a test)
+                    self.close_connection = True
             elif action.get("drop"):
                 self.close_connection = True
             elif "json" in action:

@@ -1,0 +1,86 @@
+"""Showing a conversation's events on a terminal or in a pipe: calls, results and the answer.
+
+On a terminal (rich) text streams as it is written and calls are styled; in a pipe the output is plain lines a
+script can read: `name(arguments)`, `  -> result`, then the answer.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TextIO
+
+from functionary_agent.events import FinalAnswer, TextDelta, ToolResult
+
+
+class Reporter:
+    """Calls, results and the answer: styled and streamed on a terminal (rich), plain text in a pipe."""
+
+    def __init__(self, out: TextIO, *, quiet: bool, live: bool) -> None:
+        self._quiet = quiet
+        self._live = live
+        self._out = out
+        self._console: Any = None
+        self._mid_line = False
+        if live and not quiet:
+            from rich.console import Console  # only terminals pay for rich
+
+            self._console = Console(file=out, highlight=False)
+
+    def show(self, event: object) -> None:
+        if self._quiet:
+            return
+        if isinstance(event, TextDelta) and self._live:
+            self._write(event.text)
+            self._mid_line = not event.text.endswith("\n")
+        elif isinstance(event, ToolResult):
+            self._end_line()
+            self._call(event)
+        elif isinstance(event, FinalAnswer):
+            if self._live:
+                self._end_line()
+            else:
+                print(event.content, file=self._out)
+
+    def notice(self, text: str, *, error: bool = False) -> None:
+        """A line from the program itself (chat commands, interruptions), set apart from the model's words."""
+        self._end_line()
+        if self._console is None:
+            print(text, file=self._out)
+        else:
+            self._console.print(text, style="bold red" if error else "dim", markup=False)
+        self._out.flush()
+
+    def _call(self, result: ToolResult) -> None:
+        arguments = _compact_json(result.arguments)
+        content = _one_screen(result.content)
+        if self._console is None:
+            print(f"{result.name}({arguments})\n  -> {content}", file=self._out)
+            return
+        from rich.text import Text
+
+        style = "bold red" if result.is_error else "green"
+        self._console.print(Text.assemble((result.name, "bold cyan"), (f"({arguments})", "cyan")))
+        self._console.print(Text.assemble(("  -> ", "dim"), (content, style)))
+
+    def _write(self, text: str) -> None:
+        if self._console is not None:
+            self._console.print(text, end="", markup=False)
+        else:
+            self._out.write(text)
+        self._out.flush()
+
+    def _end_line(self) -> None:
+        if self._mid_line:
+            self._write("\n")
+            self._mid_line = False
+
+
+def _compact_json(arguments: str) -> str:
+    try:
+        return json.dumps(json.loads(arguments or "{}"), ensure_ascii=False)
+    except json.JSONDecodeError:
+        return arguments
+
+
+def _one_screen(text: str, limit: int = 2000) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit} more characters)"
