@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -71,6 +72,7 @@ class Conversation:
         self.max_concurrency = 1 if not parallel_tool_calls else max_concurrency
         self.settings = settings
         self._tools: dict[str, Tool] = {}
+        self._resources: list[Any] = []  # MCP sessions, OpenAPI clients: closed with the conversation
         tools = list(tools)
         if any(is_code_interpreter(item) for item in tools) and code_interpreter is False:
             code_interpreter = True  # tools=[{"type": "code_interpreter"}] asks for it the OpenAI way
@@ -104,6 +106,40 @@ class Conversation:
             return func
 
         return add(fn) if fn is not None else add
+
+    def register_mcp(self, command: Sequence[str] | str | None = None, **options: Any) -> list[Tool]:
+        """Make an MCP server's tools tools of this conversation; see `aregister_mcp`."""
+        return _sync.run(self.aregister_mcp(command, **options))
+
+    async def aregister_mcp(self, command: Sequence[str] | str | None = None, **options: Any) -> list[Tool]:
+        """Start an MCP server (`command=[...]`, stdio) or reach one (`url=...`, streamable HTTP) and register its
+        tools. Options: `env`, `cwd`, `headers`, `prefix` (before each tool name), `timeout`, `call_timeout`.
+        The session closes with the conversation."""
+        integration = _integration("mcp", "mcp")
+        connection = await integration.MCPConnection.open(command, **options)
+        return await self._adopt(connection, connection.tools)
+
+    def register_openapi(self, spec: Mapping[str, Any] | str | os.PathLike[str], **options: Any) -> list[Tool]:
+        """Make an OpenAPI service's operations tools of this conversation; see `aregister_openapi`."""
+        return _sync.run(self.aregister_openapi(spec, **options))
+
+    async def aregister_openapi(self, spec: Mapping[str, Any] | str | os.PathLike[str], **options: Any) -> list[Tool]:
+        """Register a tool per operation of an OpenAPI 3.x document (a dict, a file, or a URL). Options:
+        `base_url`, `headers`, `include` (operationIds or a predicate), `timeout`, `max_response_chars`."""
+        integration = _integration("openapi", "openapi")
+        service = await integration.openapi_tools(spec, **options)
+        return await self._adopt(service, service.tools)
+
+    async def _adopt(self, resource: Any, tools: list[Tool]) -> list[Tool]:
+        """Register all of `tools` or none, and close `resource` with the conversation."""
+        clash = sorted({tool.name for tool in tools} & set(self._tools))
+        if clash:
+            await resource.aclose()
+            raise ToolDefinitionError(f"tools named {', '.join(clash)} are already registered; pass prefix=...")
+        for new in tools:
+            self.register(new)
+        self._resources.append(resource)
+        return tools
 
     def unregister(self, name: str) -> None:
         self._tools.pop(name, None)
@@ -202,6 +238,9 @@ class Conversation:
         for tool in self._tools.values():
             if isinstance(tool, PythonTool):
                 await tool.aclose()
+        resources, self._resources = self._resources, []
+        for resource in resources:
+            await resource.aclose()
         if self._owns_model:
             await self.model.aclose()
 
@@ -278,6 +317,14 @@ def _read_saved_messages(path: Path) -> list[dict[str, Any]]:
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
         raise ConfigurationError(f"{path} is not a saved conversation: expected a list of messages with a 'role'")
     return messages
+
+
+def _integration(module: str, extra: str) -> Any:
+    """Import an optional integration, or say which extra installs it."""
+    try:
+        return importlib.import_module(f"functionary_agent.integrations.{module}")
+    except ImportError as exc:
+        raise ConfigurationError(f"{exc}; install it with: pip install 'functionary-agent[{extra}]'") from None
 
 
 def _resolve_model(model: ChatModel | str | None, base_url: str | None, api_key: str | None) -> ChatModel:
