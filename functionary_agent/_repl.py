@@ -54,8 +54,9 @@ class Repl:
 
     def _ask(self, text: str) -> None:
         try:
-            for event in self.chat.stream(text):
-                self.reporter.show(event)
+            with self.reporter.turn():
+                for event in self.chat.stream(text):
+                    self.reporter.show(event)
         except KeyboardInterrupt:
             self.reporter.notice("[interrupted]")
         except FunctionaryAgentError as exc:

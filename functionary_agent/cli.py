@@ -84,7 +84,7 @@ def _conversation(args: argparse.Namespace) -> Conversation:
 
 def _run(args: argparse.Namespace) -> int:
     reporter = Reporter(sys.stdout, quiet=args.json, live=sys.stdout.isatty())
-    with _conversation(args) as chat:
+    with _conversation(args) as chat, reporter.turn():
         for event in chat.stream(args.prompt):
             reporter.show(event)
     if args.json:

@@ -158,3 +158,21 @@ def _strip_ansi(text: str) -> str:
     import re
 
     return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text).replace("\r", "")
+
+
+def test_a_slow_tool_shows_a_spinner_on_a_terminal_and_nothing_in_a_pipe(tmp_path: Path) -> None:
+    tools = tmp_path / "slow.py"
+    tools.write_text("import time\n\ndef slow_lookup(key: str) -> str:\n    time.sleep(1.5)\n    return key.upper()\n")
+
+    def script(body: dict[str, Any]) -> dict[str, Any]:
+        if body["messages"][-1]["role"] == "tool":
+            return reply("Found it.")
+        return reply(None, [function_call("slow_lookup", '{"key": "abc"}')])
+
+    command = [sys.executable, "-m", "functionary_agent.cli", "run", "look up abc", "--tools", str(tools)]
+    with ScriptedServer(handler=script) as server:
+        screen = _strip_ansi(_run_in_terminal([*command, "--base-url", server.base_url]))
+        piped = cli("run", "look up abc", "--tools", str(tools), "--base-url", server.base_url)
+    assert "slow_lookup…" in screen  # "calling slow_lookup…" or "waiting for slow_lookup…" while it sleeps
+    assert "Found it." in screen
+    assert piped.returncode == 0 and piped.stdout == 'slow_lookup({"key": "abc"})\n  -> ABC\nFound it.\n'
