@@ -166,8 +166,27 @@ class Conversation:
                 answer = event.content
         return answer
 
-    def submit(self, content: Content = None) -> str:
+    def submit(self, content: Content = None, *, display: bool | None = None) -> str:
+        """`asubmit` from sync code. In a Jupyter notebook the run is shown as it happens; `display=False`
+        turns that off, `display=True` forces it (None: only in a notebook)."""
+        from functionary_agent import notebook  # small, and it imports IPython only to display
+
+        if notebook.in_notebook() if display is None else display:
+            return notebook.submit_with_display(self, content)
         return _sync.run(self.asubmit(content))
+
+    def __repr__(self) -> str:
+        return f"<Conversation with {self.model!r}: {len(self.messages)} messages, tools: {', '.join(self._tools)}>"
+
+    def _repr_markdown_(self) -> str:
+        from functionary_agent.notebook import render_markdown
+
+        return render_markdown(self.messages)
+
+    def _repr_html_(self) -> str:
+        from functionary_agent.notebook import image_resolver, render_html
+
+        return render_html(self.messages, resolve_image=image_resolver(self))
 
     def stream(self, content: Content = None) -> Iterator[Event]:
         return _sync.iterate(self.astream(content))
