@@ -22,7 +22,7 @@ from functionary_agent.formats._common import (
     prepare_turns,
     select_tools,
 )
-from functionary_agent.formats._stream import Protocol, Start, StreamParser, message_from_deltas
+from functionary_agent.formats._stream import ARGS, NAME, TEXT, Protocol, Start, StreamParser, message_from_deltas
 from functionary_agent.formats.grammar import CallGrammar, CallSpec
 
 Messages = Iterable[Mapping[str, Any]]
@@ -127,3 +127,24 @@ class Format(ABC):
     @abstractmethod
     def _text_begin(self) -> str:
         """The opener of a free-text segment in the model's output."""
+
+
+def recipient_first_start(choice: ToolChoice) -> Start:
+    """Where output begins in formats whose every segment opens with a recipient (v2, v3): the prompt already
+    holds `all` for "none" and the name for a named choice."""
+    if choice.mode == "none":
+        return Start(TEXT)
+    if choice.mode == "function":
+        return Start(ARGS, choice.name)
+    return Start(NAME)
+
+
+def text_first_start(choice: ToolChoice, call_marker: str) -> Start:
+    """Where output begins in formats that start with free text and mark calls (v2.5, v3.1): the prompt already
+    holds the call marker for "required" and the whole call opener for a named choice."""
+    if choice.mode == "required":
+        return Start(NAME, marker=call_marker)
+    if choice.mode == "function":
+        return Start(ARGS, choice.name)
+    return Start(TEXT)
+

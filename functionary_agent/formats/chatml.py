@@ -9,24 +9,18 @@ invite the model to answer the result as if the user had asked something).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import ClassVar
 
-from functionary_agent.formats._stream import NAME, Protocol
-from functionary_agent.formats.v3 import SEPARATOR, V3Format
+from functionary_agent.formats._stream import Protocol
+from functionary_agent.formats.v3 import V3Format
 
 
 class ChatMLV3Format(V3Format):
     name = "chatml-v3"
     stop = ("<|im_end|>", "<|endoftext|>")
     generation_prompt = "<|im_start|>assistant\n>>>"
-    protocol: ClassVar[Protocol] = Protocol(
-        text_markers=((SEPARATOR, NAME),),
-        args_markers=((SEPARATOR, NAME),),
-        code_markers=((SEPARATOR, NAME),),
-        name_end="\n",
-        stops=stop,
-        text_recipient="all",
-    )
+    protocol: ClassVar[Protocol] = dataclasses.replace(V3Format.protocol, stops=stop)
 
     def _open(self, role: str) -> str:
         return f"<|im_start|>{role}\n"

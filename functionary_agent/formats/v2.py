@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import ClassVar
 
 from functionary_agent.formats._common import CODE_INTERPRETER_TEXT, ToolChoice, ToolSet, Turn
-from functionary_agent.formats._stream import ARGS, NAME, SKIP, TEXT, Protocol, Start
-from functionary_agent.formats.base import Format
+from functionary_agent.formats._stream import NAME, SKIP, Protocol, Start
+from functionary_agent.formats.base import Format, recipient_first_start, text_first_start
 from functionary_agent.formats.typescript import render_namespace
 
 DEFAULT_SYSTEM = (
@@ -69,11 +69,7 @@ class V2Format(Format):
         return ""
 
     def _start(self, choice: ToolChoice) -> Start:
-        if choice.mode == "none":
-            return Start(TEXT)
-        if choice.mode == "function":
-            return Start(ARGS, choice.name)
-        return Start(NAME)
+        return recipient_first_start(choice)
 
     def _call_text(self, name: str, is_code: bool) -> tuple[str, str]:
         return f"{SEGMENT}{name}\n{CONTENT}", ""
@@ -120,11 +116,7 @@ class V25Format(Format):
         return ""
 
     def _start(self, choice: ToolChoice) -> Start:
-        if choice.mode == "required":
-            return Start(NAME, marker=CALL_SEPARATOR)
-        if choice.mode == "function":
-            return Start(ARGS, choice.name)
-        return Start(TEXT)
+        return text_first_start(choice, CALL_SEPARATOR)
 
     def _call_text(self, name: str, is_code: bool) -> tuple[str, str]:
         return f"{CALL_SEPARATOR}{name}\n", ""

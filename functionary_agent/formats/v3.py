@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import ClassVar
 
 from functionary_agent.formats._common import CODE_INTERPRETER_TEXT, ToolChoice, ToolSet, Turn
-from functionary_agent.formats._stream import ARGS, NAME, TEXT, Protocol, Start
-from functionary_agent.formats.base import Format
+from functionary_agent.formats._stream import NAME, Protocol, Start
+from functionary_agent.formats.base import Format, recipient_first_start
 from functionary_agent.formats.typescript import render_namespace
 
 SEPARATOR = ">>>"
@@ -71,11 +71,7 @@ class V3Format(Format):
         return ""
 
     def _start(self, choice: ToolChoice) -> Start:
-        if choice.mode == "none":
-            return Start(TEXT)
-        if choice.mode == "function":
-            return Start(ARGS, choice.name)
-        return Start(NAME)
+        return recipient_first_start(choice)
 
     def _call_text(self, name: str, is_code: bool) -> tuple[str, str]:
         return f"{SEPARATOR}{name}\n", ""

@@ -10,8 +10,8 @@ import json
 from typing import ClassVar
 
 from functionary_agent.formats._common import Call, ToolChoice, ToolSet, Turn
-from functionary_agent.formats._stream import ARGS, CODE, NAME, TEXT, Protocol, Start
-from functionary_agent.formats.base import Format
+from functionary_agent.formats._stream import CODE, NAME, TEXT, Protocol, Start
+from functionary_agent.formats.base import Format, text_first_start
 
 FUNCTION_OPEN = "<function="
 FUNCTION_CLOSE = "</function>"
@@ -84,11 +84,7 @@ class V31Format(Format):
         return ""
 
     def _start(self, choice: ToolChoice) -> Start:
-        if choice.mode == "required":
-            return Start(NAME, marker=FUNCTION_OPEN)
-        if choice.mode == "function":
-            return Start(ARGS, choice.name)
-        return Start(TEXT)
+        return text_first_start(choice, FUNCTION_OPEN)
 
     def _call_text(self, name: str, is_code: bool) -> tuple[str, str]:
         if is_code:
