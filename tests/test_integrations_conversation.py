@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,20 +12,10 @@ from functionary_agent.testing import ScriptedModel, call
 
 pytest.importorskip("mcp")
 pytest.importorskip("fastapi")
+from tests.processes import process_gone
 from tests.servers.openapi_app import serve
 
 MCP_SERVER = [sys.executable, str(Path(__file__).parent / "servers" / "mcp_echo_server.py")]
-
-
-def gone(pid: int, within: float = 10.0) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_mcp_tools_in_the_loop_and_the_server_stops_with_the_conversation() -> None:
@@ -45,7 +33,7 @@ def test_mcp_tools_in_the_loop_and_the_server_stops_with_the_conversation() -> N
     assert results["d"].startswith("Error: divide raised MCPToolError")
     pid = int(results["p"])
     chat.close()
-    assert gone(pid), "closing the conversation left the MCP server running"
+    assert process_gone(pid), "closing the conversation left the MCP server running"
 
 
 def test_a_second_server_with_the_same_names_is_refused_unless_prefixed() -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import time
 from typing import Any
 
 import pytest
@@ -16,18 +14,11 @@ from functionary_agent.testing import ScriptedModel, call
 
 pytest.importorskip("jupyter_client")
 from sandbox import KernelSandbox
+from tests.processes import process_gone
 
 
 def python(code: str, id: str) -> dict[str, Any]:
     return {"tool_calls": [call("python", {"code": code}, id=id)]}
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_model_code_runs_keeps_state_and_an_error_gets_fixed() -> None:
@@ -47,10 +38,7 @@ def test_model_code_runs_keeps_state_and_an_error_gets_fixed() -> None:
     assert model.requests[0].tools == [{"type": "code_interpreter"}]
     assert [m["content"] for m in chat.messages if m["role"] == "tool"] == [r.content for r in results.values()]
     assert pid is not None
-    deadline = time.monotonic() + 10
-    while pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not pid_alive(pid), "closing the conversation left the kernel running"
+    assert process_gone(pid), "closing the conversation left the kernel running"
 
 
 def test_tools_list_entry_enables_it_and_a_given_sandbox_stays_open(tmp_path: Any) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from functionary_agent import ConfigurationError, Conversation, _sync
 from functionary_agent.integrations.mcp import MCPConnection, content_to_text
 from functionary_agent.testing import ScriptedModel, call
 from functionary_agent.tools import Tool
+from tests.processes import process_gone
 
 SERVER = Path(__file__).parent / "servers" / "mcp_echo_server.py"
 COMMAND = [sys.executable, str(SERVER)]
@@ -32,17 +32,6 @@ TOKEN = "s3cret-token"
 
 def by_name(tools: list[Tool]) -> dict[str, Tool]:
     return {t.name: t for t in tools}
-
-
-def process_gone(pid: int, within: float = 10.0) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 async def server_schemas() -> dict[str, dict[str, Any]]:
