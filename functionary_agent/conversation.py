@@ -175,19 +175,6 @@ class Conversation:
             return notebook.submit_with_display(self, content)
         return _sync.run(self.asubmit(content))
 
-    def __repr__(self) -> str:
-        return f"<Conversation with {self.model!r}: {len(self.messages)} messages, tools: {', '.join(self._tools)}>"
-
-    def _repr_markdown_(self) -> str:
-        from functionary_agent.notebook import render_markdown
-
-        return render_markdown(self.messages)
-
-    def _repr_html_(self) -> str:
-        from functionary_agent.notebook import image_resolver, render_html
-
-        return render_html(self.messages, resolve_image=image_resolver(self))
-
     def stream(self, content: Content = None) -> Iterator[Event]:
         return _sync.iterate(self.astream(content))
 
@@ -277,6 +264,20 @@ class Conversation:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+    # -- display ---------------------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        return f"<Conversation with {self.model!r}: {len(self.messages)} messages, tools: {', '.join(self._tools)}>"
+
+    def _repr_markdown_(self) -> str:
+        from functionary_agent.notebook import render_markdown
+
+        return render_markdown(self.messages)
+
+    def _repr_html_(self) -> str:
+        from functionary_agent.notebook import image_resolver, render_html
+
+        return render_html(self.messages, resolve_image=image_resolver(self))
 
     # -- persistence -------------------------------------------------------------------------------------
     def reset(self) -> None:
