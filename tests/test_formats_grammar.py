@@ -17,7 +17,6 @@ from functionary_agent.formats import (
     choice_gbnf,
     get_format,
     guard_schema,
-    structural_tag,
     to_gbnf,
 )
 from functionary_agent.formats.grammar import prefix_rules
@@ -119,14 +118,6 @@ def test_guards_bound_arrays_and_strings_without_overriding_the_schema() -> None
     assert properties["nested"]["properties"]["n"]["maxLength"] == 100
     assert guarded["additionalProperties"] is False and properties["nested"]["additionalProperties"] is False
     assert "maxItems" not in schema["properties"]["tags"], "the caller's schema is left untouched"
-
-
-def test_structural_tag_lists_json_calls_with_their_exact_delimiters() -> None:
-    data = structural_tag(get_format("v3.1").call_grammar(TOOLS, "auto"), max_items=4)
-    begins = [(s["begin"], s["end"]) for s in data["structures"]]
-    assert begins == [("<function=get_car_price>", "</function>"), ("<function=get_weather>", "</function>")]
-    assert data["triggers"] == ["<function=", "<|python_tag|>"] and data["free_calls"] == ["<|python_tag|>"]
-    json.dumps(data)  # plain data an engine can ship anywhere
 
 
 def test_choice_gbnf_escapes_the_options() -> None:

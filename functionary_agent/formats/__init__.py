@@ -19,7 +19,6 @@ from functionary_agent.formats.grammar import (
     arguments_gbnf,
     choice_gbnf,
     guard_schema,
-    structural_tag,
     to_gbnf,
 )
 from functionary_agent.formats.v2 import V2Format, V25Format
@@ -39,7 +38,6 @@ __all__ = [
     "get_format",
     "guard_schema",
     "message_from_deltas",
-    "structural_tag",
     "to_gbnf",
 ]
 

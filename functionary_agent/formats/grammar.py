@@ -13,7 +13,7 @@ A decode loop an engine can follow:
      (`spec.parameters is None`), then write `spec.end`;
   4. afterwards the model either stops or writes one of `openers()`, up to `max_calls` calls.
 `to_gbnf` compiles steps 1–4 for outputs that are calls only (tool_choice "required" or a named function).
-`structural_tag` gives the per-call begin/schema/end triples that vLLM's structured outputs take.
+The vLLM server compiles the same description into an xgrammar structural tag (`functionary_agent.server.grammar`).
 """
 
 from __future__ import annotations
@@ -246,24 +246,3 @@ def gbnf_literal(text: str) -> str:
         else:
             escaped.append(char)
     return '"' + "".join(escaped) + '"'
-
-
-def structural_tag(
-    grammar: CallGrammar, *, max_items: int | None = None, max_length: int | None = None, closed_objects: bool = False
-) -> dict[str, Any]:
-    """Engine-neutral data in the shape of vLLM/xgrammar structural tags: per JSON call its begin text, argument
-    schema and end text, and the triggers that start a call. Raw-code calls cannot carry a schema; they are listed
-    under "free_calls" (their begin texts) for the engine to leave unconstrained."""
-    structures = [
-        {
-            "begin": spec.begin,
-            "schema": guard_schema(
-                spec.parameters, max_items=max_items, max_length=max_length, closed_objects=closed_objects
-            ),
-            "end": spec.end,
-        }
-        for spec in grammar.calls
-        if spec.parameters is not None
-    ]
-    free = [spec.begin for spec in grammar.calls if spec.parameters is None]
-    return {"structures": structures, "triggers": list(grammar.triggers), "free_calls": free}
