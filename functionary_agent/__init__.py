@@ -16,6 +16,7 @@ from functionary_agent.models.base import AssistantMessage, ChatModel, ToolCall
 from functionary_agent.tools import Tool, tool
 
 if TYPE_CHECKING:
+    from functionary_agent.models.embedded import EmbeddedModel
     from functionary_agent.models.openai_compatible import OpenAICompatibleModel
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "ChatModel",
     "ConfigurationError",
     "Conversation",
+    "EmbeddedModel",
     "FunctionaryAgentError",
     "MaxTurnsExceeded",
     "ModelError",
@@ -35,8 +37,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name == "OpenAICompatibleModel":  # `openai` is slow to import; load it when first used
-        from functionary_agent.models.openai_compatible import OpenAICompatibleModel
+    if name in ("OpenAICompatibleModel", "EmbeddedModel"):  # heavy engines load when first used
+        from functionary_agent import models
 
-        return OpenAICompatibleModel
+        return getattr(models, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

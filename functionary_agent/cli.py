@@ -16,6 +16,7 @@ from functionary_agent._display import Reporter
 from functionary_agent._loading import load_tools
 from functionary_agent.conversation import Conversation
 from functionary_agent.errors import ConfigurationError, FunctionaryAgentError, ToolDefinitionError
+from functionary_agent.models import embedded_model
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -60,7 +61,11 @@ def _add_conversation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-url", default=os.environ.get("FUNCTIONARY_BASE_URL"),
                         help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (default: $FUNCTIONARY_BASE_URL)")
     parser.add_argument("--model", default=os.environ.get("FUNCTIONARY_MODEL"),
-                        help="model name on the server (default: $FUNCTIONARY_MODEL, else the server's first model)")
+                        help="with --base-url: the model name on the server (default: $FUNCTIONARY_MODEL, else the "
+                        "server's first model); without: a GGUF file for the embedded engine (default: the bundled "
+                        "SmolLM2-135M-Instruct)")
+    parser.add_argument("--format", help="prompt format of a GGUF model (v3.2, v3.1, v2, v2.5, chatml-v3); "
+                        "default: detected from the file")
     parser.add_argument("--system", help="system message")
     parser.add_argument("--max-turns", type=int, default=10, help="model turns per question (default: 10)")
 
@@ -71,12 +76,11 @@ def _conversation(args: argparse.Namespace) -> Conversation:
         tools = [tool for spec in args.tools for tool in load_tools(spec)]
     except (ConfigurationError, ToolDefinitionError) as exc:
         raise _UsageError(f"cannot load tools: {exc}") from None
-    if not args.base_url:
-        raise ConfigurationError(
-            "no model server configured: pass --base-url http://HOST:PORT/v1 or set FUNCTIONARY_BASE_URL"
-        )
+    if args.base_url and args.format:
+        raise _UsageError("--format applies to a GGUF model run in-process, not to a server (--base-url)")
+    model = args.model if args.base_url else embedded_model(args.model, args.format)
     try:
-        return Conversation(args.model, base_url=args.base_url, system=args.system, tools=tools,
+        return Conversation(model, base_url=args.base_url, system=args.system, tools=tools,
                             max_turns=args.max_turns, code_interpreter=args.code_interpreter)
     except ToolDefinitionError as exc:  # e.g. two files defining the same tool name
         raise _UsageError(str(exc)) from None

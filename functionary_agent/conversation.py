@@ -24,6 +24,7 @@ from functionary_agent.events import (
     ToolCallStarted,
     ToolResult,
 )
+from functionary_agent.models import embedded_model
 from functionary_agent.models.base import AssistantMessage, ChatModel, ToolCall, ToolChoice
 from functionary_agent.tools import Tool
 
@@ -37,7 +38,8 @@ _SAVE_FORMAT = "functionary-agent/conversation"
 class Conversation:
     """A chat with a model that may call the registered tools; `submit` runs calls until a final answer.
 
-    `model` is a `ChatModel`, or a model name for the server at `base_url` (or `FUNCTIONARY_BASE_URL`).
+    `model` is a `ChatModel`, a model name for the server at `base_url` (or `FUNCTIONARY_BASE_URL`), or, with
+    no server, a GGUF file for the embedded llama.cpp engine (None: the bundled SmolLM2, loaded once per process).
     `code_interpreter` (True, a dict of `KernelSandbox` settings, or a `KernelSandbox`) adds the `python` tool,
     backed by a sandboxed Jupyter kernel that starts in the background now; `close()` shuts it down.
     Forced choices (`tool_choice="required"` or a named function) apply to the first model turn of each
@@ -63,8 +65,7 @@ class Conversation:
             raise ConfigurationError(f"max_turns must be at least 1, got {max_turns}")
         if max_concurrency is not None and max_concurrency < 1:
             raise ConfigurationError(f"max_concurrency must be at least 1 or None, got {max_concurrency}")
-        self.model = _resolve_model(model, base_url, api_key)
-        self._owns_model = not isinstance(model, ChatModel)  # close only what this conversation created
+        self.model, self._owns_model = _resolve_model(model, base_url, api_key)  # close only what we created
         self.messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
         self.tool_choice = tool_choice
         self.max_turns = max_turns
@@ -347,19 +348,23 @@ def _integration(module: str, extra: str) -> Any:
         raise ConfigurationError(f"{exc}; install it with: pip install 'functionary-agent[{extra}]'") from None
 
 
-def _resolve_model(model: ChatModel | str | None, base_url: str | None, api_key: str | None) -> ChatModel:
+def _resolve_model(model: ChatModel | str | None, base_url: str | None, api_key: str | None) -> tuple[ChatModel, bool]:
+    """The model, and whether this conversation owns it: a ChatModel as given; a server's model when a base URL
+    is set; otherwise the process-wide embedded engine (the bundled SmolLM2, or the GGUF file `model` names)."""
     if isinstance(model, ChatModel):
         if base_url or api_key:
             raise ConfigurationError("base_url and api_key configure a remote model; pass them to its constructor")
-        return model
+        return model, False
     if model is not None and not isinstance(model, str):
-        raise ConfigurationError(f"model must be a ChatModel or a model name, got {type(model).__name__}")
+        raise ConfigurationError(f"model must be a ChatModel, a model name or a GGUF path, got {type(model).__name__}")
     base_url = base_url or os.environ.get("FUNCTIONARY_BASE_URL")
     if base_url:
         from functionary_agent.models.openai_compatible import OpenAICompatibleModel  # openai is slow to import
 
-        return OpenAICompatibleModel(model, base_url=base_url, api_key=api_key)
-    raise ConfigurationError(
-        "no model server configured: pass base_url='http://HOST:PORT/v1' (or set FUNCTIONARY_BASE_URL) "
-        "for an OpenAI-compatible server, or pass a ChatModel"
-    )
+        return OpenAICompatibleModel(model, base_url=base_url, api_key=api_key), True
+    if model is not None and not (model.endswith(".gguf") or os.path.isfile(model)):
+        raise ConfigurationError(
+            f"model {model!r} is not a GGUF file; to use a model on a server pass base_url='http://HOST:PORT/v1' "
+            "(or set FUNCTIONARY_BASE_URL)"
+        )
+    return embedded_model(model), False  # shared by every conversation of the process

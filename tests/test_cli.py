@@ -57,10 +57,12 @@ def test_run_json_prints_the_messages() -> None:
     assert [m["role"] for m in messages] == ["user", "assistant", "tool", "assistant"]
 
 
-def test_run_without_a_server_explains_how_to_set_one() -> None:
-    done = cli("run", "hello")
+def test_a_missing_gguf_file_or_a_misplaced_format_are_clear_errors() -> None:
+    done = cli("run", "hello", "--model", "no/such/model.gguf")
     assert done.returncode == 1
-    assert done.stderr.count("\n") == 1 and "--base-url" in done.stderr and "Traceback" not in done.stderr
+    assert done.stderr == f"functionary-agent: error: no GGUF model file at {ROOT / 'no/such/model.gguf'}\n"
+    done = cli("run", "hello", "--base-url", "http://127.0.0.1:9/v1", "--format", "v3.2")
+    assert done.returncode == 2 and "--format applies to a GGUF model" in done.stderr
 
 
 def test_server_errors_exit_1_with_one_line() -> None:

