@@ -1,4 +1,5 @@
-"""`functionary-agent run` (one question) and `functionary-agent chat` (a terminal REPL).
+"""`functionary-agent run` (one question), `functionary-agent chat` (a terminal REPL) and `functionary-agent serve`
+(vLLM's server with our plugin, see `functionary_agent.server.cli`).
 
 Exit status: 0 with an answer, 2 for a usage error (bad flags, a tools file that cannot be loaded), 1 when the
 model or its server fails. Errors are one line on stderr, never a traceback.
@@ -17,6 +18,7 @@ from functionary_agent._loading import load_tools
 from functionary_agent.conversation import Conversation
 from functionary_agent.errors import ConfigurationError, FunctionaryAgentError, ToolDefinitionError
 from functionary_agent.models import embedded_model
+from functionary_agent.server.cli import add_serve_parser
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -49,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     chat = commands.add_parser("chat", help="an interactive chat in the terminal (/help for commands)")
     _add_conversation_options(chat)
     chat.set_defaults(handler=_chat)
+    add_serve_parser(commands)
     return parser
 
 

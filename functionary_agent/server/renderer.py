@@ -1,0 +1,68 @@
+"""vLLM renderer that writes prompts with `formats` (the same bytes the embedded engine feeds llama.cpp).
+
+A chat template cannot do it: the Functionary prompt ends with a tool_choice prefix (">>>get_weather\\n" for a
+named choice), and vLLM gives templates the tools but not tool_choice. Renderers get both (`ChatParams.tool_choice`
+since vLLM 0.32's `vllm/renderers/`). vLLM picks the renderer by tokenizer mode (`--tokenizer-mode functionary`),
+which `plugin.register` maps to vLLM's own HF tokenizer plus this renderer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from vllm.renderers.hf import HfRenderer
+from vllm.renderers.inputs.preprocess import parse_dec_only_prompt
+
+from functionary_agent.formats import Format
+from functionary_agent.server._settings import format_of_mode, resolve_format
+
+
+class FunctionaryRenderer(HfRenderer):
+    """HF tokenizer, Functionary prompt. The format: pinned by the tokenizer mode, else resolved per model."""
+
+    def __init__(self, config: Any, tokenizer: Any) -> None:
+        super().__init__(config, tokenizer)
+        pinned = format_of_mode(getattr(config.model_config, "tokenizer_mode", None))
+        self.format: Format = resolve_format(pinned, self.tokenizer)
+        self._bos = _bos_text(self.tokenizer)
+
+    def render_messages(self, messages: Any, params: Any) -> tuple[list[Any], Any]:
+        conversation = [_plain(message) for message in messages]
+        kwargs = params.chat_template_kwargs or {}
+        tools = kwargs.get("tools")
+        # vLLM passes no tool_choice without tools, where the request's own default is "none": text, as parsed
+        choice = params.tool_choice if params.tool_choice is not None else ("auto" if tools else "none")
+        text = self.format.render(
+            conversation,
+            tools,
+            tool_choice=_plain(choice),
+            add_generation_prompt=bool(kwargs.get("add_generation_prompt", True)),
+        )
+        return conversation, parse_dec_only_prompt(self._bos + text)
+
+    async def render_messages_async(self, messages: Any, params: Any) -> tuple[list[Any], Any]:
+        return self.render_messages(messages, params)
+
+
+def _bos_text(tokenizer: Any) -> str:
+    """The BOS token's text where the tokenizer adds one: vLLM tokenizes chat prompts without special tokens, and
+    llama.cpp (the embedded engine) adds BOS exactly when the model asks for it."""
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if tokenizer is None or bos_id is None:
+        return ""
+    ids = tokenizer.encode("a", add_special_tokens=True)
+    return str(tokenizer.bos_token) if ids and ids[0] == bos_id else ""
+
+
+def _plain(value: Any) -> Any:
+    """Request data as plain lists and dicts: vLLM's pydantic validation leaves lazy one-shot iterators in
+    messages (an assistant's `tool_calls`, a content part list), which our renderer would otherwise consume."""
+    dump = getattr(value, "model_dump", None)
+    if callable(dump):
+        return dump(mode="json", exclude_none=True)
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        return value
+    return [_plain(item) for item in value]
