@@ -26,6 +26,8 @@ import pytest
 
 from functionary_agent import Conversation
 from functionary_agent.formats import get_format
+from tests.vllm_requests import BOUNDS as LIMITS
+from tests.vllm_requests import REQUESTS, SCHEMAS, TOOLS
 
 pytestmark = pytest.mark.vllm
 
@@ -36,32 +38,9 @@ MODEL = Path(os.environ.get("FUNCTIONARY_VLLM_MODEL", CACHE / "smollm2-135m-inst
 NAME = "smollm2"
 START_TIMEOUT = float(os.environ.get("FUNCTIONARY_VLLM_START_TIMEOUT", "600"))
 
-TOOLS: list[dict[str, Any]] = [
-    {"type": "function", "function": {
-        "name": "get_weather", "description": "Get the current weather in a city",
-        "parameters": {"type": "object", "properties": {
-            "city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
-            "required": ["city"]}}},
-    {"type": "function", "function": {
-        "name": "add", "description": "Add two integers",
-        "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-                       "required": ["a", "b"]}}},
-    {"type": "function", "function": {
-        "name": "search_flights", "description": "Search flights between two airports",
-        "parameters": {"type": "object", "properties": {
-            "origin": {"type": "string"}, "destination": {"type": "string"},
-            "passengers": {"type": "integer", "minimum": 1, "maximum": 9}}, "required": ["origin", "destination"]}}},
-    {"type": "function", "function": {
-        "name": "send_email", "description": "Send an email",
-        "parameters": {"type": "object", "properties": {
-            "to": {"type": "array", "items": {"type": "string"}, "minItems": 1},
-            "subject": {"type": "string"}, "urgent": {"type": "boolean"}}, "required": ["to", "subject"]}}},
-]
-SCHEMAS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}
 WEATHER = [TOOLS[0]]
 PARIS = [{"role": "user", "content": "What is the weather in Paris?"}]
-# Calls stay few and arguments short: a 135M model otherwise calls, or writes a string, until max_tokens cuts it.
-BOUNDS = {"vllm_xargs": {"functionary_max_calls": 3, "functionary_max_items": 4, "functionary_max_length": 48}}
+BOUNDS = {"vllm_xargs": LIMITS}
 
 
 def _free_port() -> int:
@@ -242,15 +221,6 @@ def test_tool_choice_named_calls_that_tool_once(client: Any) -> None:
 
 # -- grammar ------------------------------------------------------------------------------------------------------
 
-REQUESTS = [
-    "What is the weather in Paris?", "Add 2 and 3.", "Find flights from IST to JFK for 2 people.",
-    "Email bob@example.com with the subject Hello.", "How warm is it in Tokyo in fahrenheit?", "What is 17 plus 25?",
-    "Book me a flight from London to Rome.", "Send an urgent email to alice@x.org about the meeting.",
-    "Is it raining in Berlin?", "Sum 100 and 250", "Flights from SFO to LAX?", "Tell me a joke.",
-    "Weather in Madrid please", "What's 9+10?", "Any flights from Paris to Oslo for 3?",
-    "Write to dan@z.com: subject Report.", "Hello!", "Temperature in Cairo in celsius?", "Add -5 and 7",
-    "I need flights from Tokyo to Seoul",
-]
 
 
 def _batch_request(client: Any, index: int) -> tuple[str, Any, int]:
