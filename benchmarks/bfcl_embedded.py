@@ -164,10 +164,13 @@ def handler(threads: int) -> Callable[[dict[str, Any]], list[Call]]:
                   n_threads_batch=threads, verbose=False, seed=0)
 
     def ask(item: dict[str, Any]) -> list[Call]:
-        response: Any = llama.create_chat_completion(
-            item["question"][0], tools=openai_tools(item["function"]), tool_choice="auto", temperature=0.0,
-            max_tokens=256,
-        )
+        try:
+            response: Any = llama.create_chat_completion(
+                item["question"][0], tools=openai_tools(item["function"]), tool_choice="auto", temperature=0.0,
+                max_tokens=256,
+            )
+        except ValueError:  # its prompt and max_tokens do not fit the context: no answer, scored as a miss
+            return []
         calls = response["choices"][0]["message"].get("tool_calls") or []
         return [_parsed(call["function"]["name"], call["function"]["arguments"]) for call in calls]
 
