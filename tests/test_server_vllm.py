@@ -222,7 +222,6 @@ def test_tool_choice_named_calls_that_tool_once(client: Any) -> None:
 # -- grammar ------------------------------------------------------------------------------------------------------
 
 
-
 def _batch_request(client: Any, index: int) -> tuple[str, Any, int]:
     named = {"type": "function", "function": {"name": TOOLS[index % 4]["function"]["name"]}}
     choice: Any = ("auto", "required", named)[index % 3]
