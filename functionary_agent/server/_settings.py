@@ -8,7 +8,7 @@ else the model's own chat template. No vLLM import: the launcher and the unit te
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from functionary_agent.errors import ConfigurationError
@@ -88,3 +88,17 @@ def grammar_limits(per_request: Mapping[str, Any] | None = None) -> dict[str, in
         except (TypeError, ValueError):
             raise ConfigurationError(f"{name} must be an integer, got {value!r}") from None
     return limits
+
+
+def plain_data(value: Any) -> Any:
+    """Request data (messages, tools, tool_choice) as plain lists and dicts for `formats`: vLLM holds them as
+    pydantic models, and its validation leaves lazy one-shot iterators in messages (an assistant's `tool_calls`, a
+    content part list) that would otherwise be consumed on first read."""
+    dump = getattr(value, "model_dump", None)
+    if callable(dump):
+        return dump(mode="json", exclude_none=True)
+    if isinstance(value, Mapping):
+        return {key: plain_data(item) for key, item in value.items()}
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        return value
+    return [plain_data(item) for item in value]

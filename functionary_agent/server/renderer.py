@@ -8,14 +8,13 @@ which `plugin.register` maps to vLLM's own HF tokenizer plus this renderer.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
 from typing import Any
 
 from vllm.renderers.hf import HfRenderer
 from vllm.renderers.inputs.preprocess import parse_dec_only_prompt
 
 from functionary_agent.formats import Format
-from functionary_agent.server._settings import format_of_mode, resolve_format
+from functionary_agent.server._settings import format_of_mode, plain_data, resolve_format
 
 
 class FunctionaryRenderer(HfRenderer):
@@ -28,7 +27,7 @@ class FunctionaryRenderer(HfRenderer):
         self._bos = _bos_text(self.tokenizer)
 
     def render_messages(self, messages: Any, params: Any) -> tuple[list[Any], Any]:
-        conversation = [_plain(message) for message in messages]
+        conversation = [plain_data(message) for message in messages]
         kwargs = params.chat_template_kwargs or {}
         tools = kwargs.get("tools")
         # vLLM passes no tool_choice without tools, where the request's own default is "none": text, as parsed
@@ -36,7 +35,7 @@ class FunctionaryRenderer(HfRenderer):
         text = self.format.render(
             conversation,
             tools,
-            tool_choice=_plain(choice),
+            tool_choice=plain_data(choice),
             add_generation_prompt=bool(kwargs.get("add_generation_prompt", True)),
         )
         return conversation, parse_dec_only_prompt(self._bos + text)
@@ -53,16 +52,3 @@ def _bos_text(tokenizer: Any) -> str:
         return ""
     ids = tokenizer.encode("a", add_special_tokens=True)
     return str(tokenizer.bos_token) if ids and ids[0] == bos_id else ""
-
-
-def _plain(value: Any) -> Any:
-    """Request data as plain lists and dicts: vLLM's pydantic validation leaves lazy one-shot iterators in
-    messages (an assistant's `tool_calls`, a content part list), which our renderer would otherwise consume."""
-    dump = getattr(value, "model_dump", None)
-    if callable(dump):
-        return dump(mode="json", exclude_none=True)
-    if isinstance(value, Mapping):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        return value
-    return [_plain(item) for item in value]

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 from vllm.sampling_params import StructuredOutputsParams
 
 from functionary_agent.formats import Format, StreamParser
-from functionary_agent.server._settings import grammar_enabled, grammar_limits, resolve_format
+from functionary_agent.server._settings import grammar_enabled, grammar_limits, plain_data, resolve_format
 from functionary_agent.server.grammar import structural_tag
 
 try:  # vLLM >= 0.30
@@ -161,17 +161,12 @@ class FunctionaryToolParser(ToolParser):
 
 def request_tools(request: Any) -> list[dict[str, Any]]:
     """The request's tools as OpenAI dicts (vLLM holds them as pydantic models)."""
-    return [_plain(tool) for tool in getattr(request, "tools", None) or ()]
+    return [plain_data(tool) for tool in getattr(request, "tools", None) or ()]
 
 
 def request_tool_choice(request: Any) -> Any:
     choice = getattr(request, "tool_choice", None)
-    return "auto" if choice is None else _plain(choice)
-
-
-def _plain(value: Any) -> Any:
-    dump = getattr(value, "model_dump", None)
-    return dump(mode="json", exclude_none=True) if callable(dump) else value
+    return "auto" if choice is None else plain_data(choice)
 
 
 def _has_own_constraint(request: Any) -> bool:
