@@ -17,7 +17,8 @@ from .workdir import IMAGE_TYPES, ImageSaver
 
 logger = logging.getLogger(__name__)
 
-_SLACK = 256  # room for the kernel's own omission marker, so one cut never becomes two
+_SLACK = 256
+MAX_IMAGES_PER_CELL = 20  # room for the kernel's own omission marker, so one cut never becomes two
 
 
 class OutputCollector:
@@ -27,6 +28,7 @@ class OutputCollector:
         self._streams = {"stdout": HeadTail(half, half), "stderr": HeadTail(half, half)}
         self._images = images
         self._max_chars = max_chars
+        self._skipped_images = 0
 
     def add(self, msg: dict[str, Any]) -> bool:
         """Take one message; True once the kernel reports idle (the execution is over)."""
@@ -50,12 +52,17 @@ class OutputCollector:
         saved = False
         for mime in IMAGE_TYPES:
             payload = data.get(mime)
-            if isinstance(payload, str):
-                try:
-                    self.result.images.append(self._images.save(mime, payload))
-                    saved = True
-                except (OSError, binascii.Error, ValueError) as exc:
-                    logger.warning("could not save %s output: %s", mime, exc)
+            if not isinstance(payload, str):
+                continue
+            if len(self.result.images) >= MAX_IMAGES_PER_CELL:
+                self._skipped_images += 1
+                continue
+            try:
+                self.result.images.append(self._images.save(mime, payload))
+                saved = True
+            except (OSError, binascii.Error, ValueError) as exc:
+                logger.warning("could not save %s output: %s", mime, exc)
+                self.result.notes.append(f"an {mime} output was not saved: {exc}")
         return saved
 
     def _add_result(self, data: dict[str, Any]) -> None:
@@ -83,4 +90,8 @@ class OutputCollector:
     def finish(self) -> ExecutionResult:
         self.result.stdout = self._streams["stdout"].getvalue()
         self.result.stderr = self._streams["stderr"].getvalue()
+        if self._skipped_images:
+            self.result.notes.append(
+                f"{self._skipped_images} more images were not saved (at most {MAX_IMAGES_PER_CELL} per execution)"
+            )
         return self.result

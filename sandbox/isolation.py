@@ -1,9 +1,13 @@
 """What this machine lets us enforce on a kernel, decided once per process and then planned per sandbox.
 
-The limits are the OS's: rlimits, a pids cgroup, mount and network namespaces and an empty capability bounding
-set. Root ignores RLIMIT_NPROC, so the process cap comes from a pids cgroup whenever one is writable; without
-privileges the per-user RLIMIT_NPROC is the only cap left. Each mechanism is probed for real (a short child
-process tries it), because "the file exists" says nothing about containers and seccomp policies.
+A contained kernel ("root" or "userns" mode, see `launcher.py`) runs as an unprivileged user in its own mount,
+pid, IPC and (by default) network namespaces, with a root file system of read-only host folders plus its workdir
+and a private /tmp. As root the namespaces are made directly and the kernel gets a dedicated uid/gid per sandbox;
+as a normal user they are made inside a user namespace. Whether that works is probed for real, once per process
+(a short launch of the real launcher), because "the file exists" says nothing about containers and seccomp
+policies. Where it cannot work, a sandbox refuses to start unless the caller opts out with `isolation="none"`.
+The process cap comes from a pids cgroup whenever one is writable, else from RLIMIT_NPROC (per sandbox as root,
+whose kernels own a fresh uid; per user otherwise).
 """
 
 from __future__ import annotations
@@ -13,8 +17,11 @@ import functools
 import json
 import logging
 import os
+import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -39,20 +46,16 @@ ENV_ALLOWLIST = (
 )
 
 _CAP_SETPCAP = 8
+_HERE = Path(__file__).resolve().parent
+_SANDBOX_IDS = (0x70000000, 0x0FFFFFFF)  # dedicated uids/gids: base and span, far above any real account
+_PROBE_MEMORY = 1 << 30
 
-_PROBE = r"""
-import ctypes, json, os, sys
-result = {"cgroup": False, "namespaces": False}
-if sys.argv[1]:
-    try:
-        with open(os.path.join(sys.argv[1], "cgroup.procs"), "w") as f:
-            f.write(str(os.getpid()))
-        result["cgroup"] = True
-    except OSError:
-        pass
-libc = ctypes.CDLL(None, use_errno=True)
-result["namespaces"] = libc.unshare(0x00020000 | 0x40000000) == 0
-print(json.dumps(result))
+_PATHS_OF_PYTHON = r"""
+import json, os, sys
+paths = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, *sys.path]
+executable = os.path.abspath(sys.executable)
+paths += [executable, os.path.realpath(executable)]
+print(json.dumps([p for p in paths if p]))
 """
 
 
@@ -60,7 +63,8 @@ print(json.dumps(result))
 class HostSupport:
     """The mechanisms that worked when probed on this machine."""
 
-    namespaces: bool
+    mode: str | None  # "root" or "userns" when containment works, None when it does not
+    reason: str  # why `mode` is None (the launcher's own words), or ""
     can_drop_capabilities: bool
     pids_cgroup_root: Path | None
     is_root: bool
@@ -68,48 +72,79 @@ class HostSupport:
 
 @dataclass(frozen=True)
 class Isolation:
-    """What the OS enforces for one sandbox's kernel; `KernelSandbox.isolation` shows it to callers."""
+    """What the OS enforces for one sandbox's kernel; `KernelSandbox.isolation` shows it to callers.
 
+    `mode` is "root" (namespaces made as root, a dedicated uid), "userns" (made inside a user namespace as your
+    own uid) or "none" (the explicit opt-out: limits only). `uid`/`gid` are the kernel's ids on the host.
+    """
+
+    mode: str
     network_blocked: bool
-    mount_namespace: bool
-    data_mount: bool
     process_limit: str
+    uid: int
+    gid: int
     capabilities_dropped: bool
+
+    @property
+    def contained(self) -> bool:
+        """True when the kernel has its own root file system, process table and unprivileged user."""
+        return self.mode != "none"
 
     @property
     def data_path(self) -> str | None:
         """The path the code sees for the workdir when `/mnt/data` is mounted; None when it is not."""
-        return "/mnt/data" if self.data_mount else None
+        return "/mnt/data" if self.contained else None
 
 
 @functools.lru_cache(maxsize=1)
 def host_support() -> HostSupport:
-    """Probe once per process (about 20 ms): later sandboxes reuse the answer."""
+    """Probe once per process (about 0.1 s): later sandboxes reuse the answer."""
     is_root = os.geteuid() == 0
     cgroup_root = _pids_cgroup_root()
-    probe_dir = _make_cgroup(cgroup_root, max_pids=8) if cgroup_root else None
-    try:
-        found = _run_probe(probe_dir)
-    finally:
-        if probe_dir is not None:
-            remove_cgroup(probe_dir)
+    mode = "root" if is_root else "userns"
+    reason = _probe_containment(mode)
     support = HostSupport(
-        namespaces=found.get("namespaces", False),
+        mode=None if reason else mode,
+        reason=reason,
         can_drop_capabilities=is_root and _has_capability(_CAP_SETPCAP),
-        pids_cgroup_root=cgroup_root if found.get("cgroup") else None,
+        pids_cgroup_root=cgroup_root if cgroup_root is not None and _cgroup_writable(cgroup_root) else None,
         is_root=is_root,
     )
     logger.debug("sandbox host support: %s", support)
     return support
 
 
-def plan_isolation(network: bool, support: HostSupport) -> Isolation:
-    """Choose the mechanisms for one sandbox; refuse `network=False` when nothing can enforce it."""
-    if not network and not support.namespaces:
+def plan_isolation(network: bool, isolation: str, support: HostSupport) -> Isolation:
+    """Choose the mechanisms for one sandbox; refuse what the caller asked for when nothing can enforce it."""
+    if isolation not in ("auto", "none"):
+        raise ValueError(f"isolation must be 'auto' or 'none', not {isolation!r}")
+    if isolation == "none":
+        if not network:
+            raise IsolationUnavailableError(
+                "isolation='none' cannot block the network: pass network=True with it (or leave isolation on)"
+            )
+        logger.warning("sandbox isolation is off: the kernel runs as this user, sees its files and network")
+        return _uncontained_plan(support)
+    if support.mode is None:
         raise IsolationUnavailableError(
-            "network=False needs a private network namespace (unshare(CLONE_NEWNET)), which this machine refuses "
-            "(it needs root or CAP_SYS_ADMIN); run with network=True or give the process that capability"
+            f"this machine cannot contain the kernel ({support.reason}); it needs root or unprivileged user "
+            "namespaces. Pass isolation='none' (and network=True) to run model code with your own user's rights"
         )
+    if support.mode == "root":
+        uid = gid = _SANDBOX_IDS[0] + secrets.randbelow(_SANDBOX_IDS[1])  # one per sandbox: none shares a uid
+    else:
+        uid, gid = os.getuid(), os.getgid()
+    return Isolation(
+        mode=support.mode,
+        network_blocked=not network,
+        process_limit="pids cgroup" if support.pids_cgroup_root is not None else "RLIMIT_NPROC",
+        uid=uid,
+        gid=gid,
+        capabilities_dropped=True,
+    )
+
+
+def _uncontained_plan(support: HostSupport) -> Isolation:
     if support.pids_cgroup_root is not None:
         process_limit = "pids cgroup"
     elif not support.is_root:
@@ -117,23 +152,92 @@ def plan_isolation(network: bool, support: HostSupport) -> Isolation:
     else:
         process_limit = "none"
         logger.warning("no writable pids cgroup and running as root: the kernel's process count is not capped")
-    mnt_exists = Path("/mnt").is_dir()
     return Isolation(
-        network_blocked=not network,
-        mount_namespace=support.namespaces,
-        data_mount=support.namespaces and mnt_exists,
+        mode="none",
+        network_blocked=False,
         process_limit=process_limit,
+        uid=os.getuid(),
+        gid=os.getgid(),
         capabilities_dropped=support.can_drop_capabilities,
     )
 
 
-def kernel_env(extra: dict[str, str] | None, home: Path) -> dict[str, str]:
+@functools.lru_cache(maxsize=8)
+def python_paths(python: str) -> tuple[str, ...]:
+    """The folders an interpreter needs (prefixes, sys.path, its executable and where that links to); they are
+    bound read-only into the kernel's root. Empty when the interpreter cannot run (the start then reports it)."""
+    try:
+        done = subprocess.run(
+            [python, "-c", _PATHS_OF_PYTHON], capture_output=True, text=True, timeout=30, cwd="/", env=_probe_env()
+        )
+        return tuple(str(p) for p in json.loads(done.stdout))
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        logger.debug("could not ask %s for its paths: %s", python, exc)
+        return ()
+
+
+def launch_config(
+    mode: str, *, network: bool, workdir: Path, runtime: Path, python: str, ids: tuple[int, int]
+) -> dict[str, object]:
+    """The part of the launcher's configuration that says how to contain the kernel."""
+    return {
+        "mode": mode,
+        "network": network,
+        "workdir": str(workdir),
+        "kernel_dir": str(runtime / "kernel"),
+        "new_root": str(runtime / "root"),
+        "readonly_paths": [*python_paths(python), str(_HERE)],
+        "uid": ids[0],
+        "gid": ids[1],
+    }
+
+
+def _probe_containment(mode: str) -> str:
+    """Launch the real launcher once with a trivial command; "" when it worked, else its error line."""
+    runtime = Path(tempfile.mkdtemp(prefix=f"kernelsandbox-run-{os.getpid()}-"))
+    try:
+        for name in ("kernel", "root", "work"):
+            (runtime / name).mkdir()
+        (runtime / "kernel" / "probe.json").write_text("{}")
+        ids = (_SANDBOX_IDS[0], _SANDBOX_IDS[0]) if mode == "root" else (os.getuid(), os.getgid())
+        config = launch_config(
+            mode, network=False, workdir=runtime / "work", runtime=runtime, python=sys.executable, ids=ids
+        )
+        config.update(
+            cgroup=None, memory_bytes=_PROBE_MEMORY, file_bytes=_PROBE_MEMORY, nproc_limit=None, tmp_bytes=1 << 20,
+            drop_capabilities=mode == "root", env=_probe_env(), argv=[sys.executable, "-S", "-c", "pass"],
+        )
+        (runtime / "launch.json").write_text(json.dumps(config))
+        return _run_probe(runtime)
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def _run_probe(runtime: Path) -> str:
+    command = [sys.executable, "-S", str(_HERE / "launcher.py"), str(runtime / "launch.json")]
+    try:
+        done = subprocess.run(
+            [*command, str(runtime / "kernel" / "probe.json")], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"the launcher could not run: {exc}"
+    if done.returncode == 0:
+        return ""
+    lines = done.stderr.strip().splitlines()
+    return lines[-1] if lines else f"the launcher exited with status {done.returncode}"
+
+
+def _probe_env() -> dict[str, str]:
+    return {"PATH": os.environ.get("PATH", os.defpath)}
+
+
+def kernel_env(extra: dict[str, str] | None, home: str) -> dict[str, str]:
     """The kernel's whole environment: allowlisted parent variables, quiet thread pools, then the caller's."""
     env = {name: os.environ[name] for name in ENV_ALLOWLIST if name in os.environ}
     env.setdefault("PATH", os.defpath)
     threads = str(min(os.cpu_count() or 1, 4))
     env.update(
-        HOME=str(home),
+        HOME=home,
         PYTHONNOUSERSITE="1",
         MALLOC_ARENA_MAX="2",  # glibc reserves 64 MB of address space per arena, which RLIMIT_AS counts
         OMP_NUM_THREADS=threads,
@@ -226,19 +330,25 @@ def _v2_has_pids(base: Path) -> bool:
         return False
 
 
-def _run_probe(cgroup_dir: Path | None) -> dict[str, bool]:
+def _cgroup_writable(root: Path) -> bool:
+    """Can we make a child cgroup there and move a process into it? Tried for real, with a short child."""
     try:
-        done = subprocess.run(
-            [sys.executable, "-S", "-c", _PROBE, str(cgroup_dir or "")],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env={"PATH": os.environ.get("PATH", os.defpath)},
-        )
-        return dict(json.loads(done.stdout))
-    except (OSError, subprocess.SubprocessError, ValueError) as exc:
-        logger.warning("sandbox isolation probe failed: %s", exc)
-        return {}
+        probe_dir = _make_cgroup(root, max_pids=8)
+    except OSError:
+        return False
+    try:
+        child = subprocess.Popen([sys.executable, "-S", "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+        try:
+            (probe_dir / "cgroup.procs").write_text(str(child.pid))
+            return True
+        except OSError:
+            return False
+        finally:
+            child.communicate(timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    finally:
+        remove_cgroup(probe_dir)
 
 
 def _has_capability(bit: int) -> bool:

@@ -15,7 +15,7 @@ import shutil
 import sys
 import tempfile
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -26,6 +26,7 @@ from .janitor import sweep_leftovers
 from .loop import LoopThread
 from .process import KernelSettings
 from .result import ExecutionResult
+from .workdir import hand_over
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +39,14 @@ class KernelSandbox:
     `timeout` is per execution (seconds); `memory_mb` caps the kernel's address space (RLIMIT_AS);
     `max_processes` caps processes *and threads* (pids cgroup, or RLIMIT_NPROC without root); `max_file_mb`
     caps the size of any one file written (RLIMIT_FSIZE); `max_output_chars` bounds each output stream (head and
-    tail are kept). `env` adds variables to the allowlisted ones. `network=False` blocks all network access
-    through a private network namespace, or raises `IsolationUnavailableError` where that is impossible.
+    tail are kept). `env` adds variables to the allowlisted ones.
+
+    The kernel is contained: an unprivileged user, its own root file system (read-only system and interpreter
+    folders, the workdir at /mnt/data, a private /tmp of at most `max_file_mb`), its own process table and, unless
+    `network=True`, no network but its own loopback. Where the machine cannot do that, `IsolationUnavailableError`
+    is raised; `isolation="none"` (with `network=True`) is the explicit opt-out that runs the kernel as you.
+    As root the kernel gets a dedicated uid: a `workdir` you pass is handed to it (ownership of its entries) while
+    the sandbox is open and given back to the folder's owner on close.
     """
 
     def __init__(
@@ -50,8 +57,9 @@ class KernelSandbox:
         max_processes: int = 64,
         max_output_chars: int = 20_000,
         env: Mapping[str, str] | None = None,
-        network: bool = True,
+        network: bool = False,
         *,
+        isolation: str = "auto",
         max_file_mb: int = 1024,
         interrupt_grace: float = 1.0,
         startup_timeout: float = 60.0,
@@ -60,7 +68,7 @@ class KernelSandbox:
         _check_limits(timeout, memory_mb, max_processes, max_output_chars, max_file_mb)
         support = host_support()
         sweep_leftovers(support.pids_cgroup_root)
-        self.isolation: Isolation = plan_isolation(network, support)
+        self.isolation: Isolation = plan_isolation(network, isolation, support)
         self.timeout = float(timeout)
         owned = workdir is None
         if workdir is None:
@@ -68,6 +76,9 @@ class KernelSandbox:
         else:
             self.workdir = Path(workdir).expanduser().resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
+        give_back = None
+        if self.isolation.mode == "root":
+            give_back = hand_over(self.workdir, self.isolation.uid, self.isolation.gid)
         settings = KernelSettings(
             workdir=self.workdir,
             isolation=self.isolation,
@@ -82,7 +93,9 @@ class KernelSandbox:
         )
         self._engine = Engine(settings, interrupt_grace)
         self._loop = LoopThread("sandbox-kernel-loop")
-        self._finalizer = weakref.finalize(self, _shutdown, self._loop, self._engine, self.workdir if owned else None)
+        self._finalizer = weakref.finalize(
+            self, _shutdown, self._loop, self._engine, self.workdir if owned else None, None if owned else give_back
+        )
 
     @property
     def data_path(self) -> str:
@@ -186,7 +199,7 @@ def _check_limits(timeout: float, memory_mb: int, max_processes: int, max_output
         raise ValueError("max_file_mb must be >= 1")
 
 
-def _shutdown(loop: LoopThread, engine: Engine, workdir: Path | None) -> None:
+def _shutdown(loop: LoopThread, engine: Engine, workdir: Path | None, give_back: Callable[[], None] | None) -> None:
     """Close on the loop when it still runs, then kill at OS level whatever remains; never raises."""
     try:
         if loop.running and not loop.in_loop_thread():
@@ -195,5 +208,7 @@ def _shutdown(loop: LoopThread, engine: Engine, workdir: Path | None) -> None:
         logger.warning("sandbox close on its loop failed (%s); killing its processes directly", exc)
     engine.kill_now()
     loop.stop()
+    if give_back is not None:
+        give_back()
     if workdir is not None:
         shutil.rmtree(workdir, ignore_errors=True)

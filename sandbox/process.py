@@ -28,13 +28,15 @@ from jupyter_client.manager import AsyncKernelManager
 
 from .collect import OutputCollector
 from .errors import KernelStartError
-from .isolation import Isolation, create_pids_cgroup, kernel_env, kill_cgroup, remove_cgroup
+from .isolation import Isolation, create_pids_cgroup, kernel_env, kill_cgroup, launch_config, remove_cgroup
 
 logger = logging.getLogger(__name__)
 
 _HERE = Path(__file__).resolve().parent
 _POLL_S = 0.25  # how long a silent kernel may go before we check that it is still alive
 _STDERR_TAIL = 4_000
+_NO_HISTORY_FILE = "--HistoryManager.hist_file=:memory:"
+_HELPER_PROCESSES = 2  # the launcher waiting on the host side and pid 1 of the sandbox, both in the cgroup
 
 
 @dataclass(frozen=True)
@@ -97,14 +99,11 @@ class KernelProcess:
     async def _launch(self) -> None:
         s = self.settings
         if s.isolation.process_limit == "pids cgroup" and s.cgroup_root is not None:
-            self.cgroup = create_pids_cgroup(s.cgroup_root, s.max_processes)
-        home = self.runtime / "home"
-        home.mkdir()
-        env = kernel_env(s.env, home)
-        config = self.runtime / "launch.json"
-        config.write_text(json.dumps(self._launch_config(env)))
+            self.cgroup = create_pids_cgroup(s.cgroup_root, s.max_processes + _HELPER_PROCESSES)
+        config = self._launch_config()
+        (self.runtime / "launch.json").write_text(json.dumps(config))
         spec = KernelSpec(
-            argv=[s.python, str(_HERE / "launcher.py"), str(config), "{connection_file}"],
+            argv=[s.python, "-S", str(_HERE / "launcher.py"), str(self.runtime / "launch.json"), "{connection_file}"],
             display_name="sandbox",
             language="python",
             interrupt_mode="signal",
@@ -114,37 +113,47 @@ class KernelProcess:
             kernel_name="sandbox",
             kernel_spec_manager=_OneSpec(spec),
             transport="ipc",
-            connection_file=str(self.runtime / "kernel.json"),
+            connection_file=str(self._kernel_dir() / "kernel.json"),
             context=context,
         )
         await self._manager.start_kernel(
-            env=env, cwd=str(self.runtime), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            env=config["env"], cwd=str(self.runtime), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
         self.popen = self._manager.provisioner.process  # type: ignore[union-attr]
         self._read_stderr_in_background()
         self._client = self._manager.client(context=context)
         self._client.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)
 
-    def _launch_config(self, env: dict[str, str]) -> dict[str, Any]:
+    def _kernel_dir(self) -> Path:
+        """The only part of the runtime folder the kernel sees: its connection file and sockets. Mode 0700 and
+        owned by the kernel's uid, so no other sandbox (another uid, another mount namespace) can read the key."""
+        path = self.runtime / "kernel"
+        if not path.exists():
+            path.mkdir(mode=0o700)
+            iso = self.settings.isolation
+            if iso.contained and os.geteuid() == 0:
+                os.chown(path, iso.uid, iso.gid)
+        return path
+
+    def _launch_config(self) -> dict[str, Any]:
         s, iso = self.settings, self.settings.isolation
-        return {
-            "workdir": str(s.workdir),
-            "mount_namespace": iso.mount_namespace,
-            "data_mount": iso.data_mount,
-            "network": not iso.network_blocked,
-            "drop_capabilities": iso.capabilities_dropped,
-            "cgroup": str(self.cgroup) if self.cgroup else None,
-            "memory_bytes": s.memory_mb * 2**20,
-            "file_bytes": s.max_file_mb * 2**20,
-            "nproc_limit": s.max_processes if iso.process_limit == "RLIMIT_NPROC" else None,
-            "env": env,
-            "argv": [
-                s.python,
-                str(_HERE / "kernel_entry.py"),
-                str(s.max_output_chars),
-                "--HistoryManager.hist_file=:memory:",
-            ],
-        }
+        (self.runtime / "root").mkdir(mode=0o700, exist_ok=True)
+        home = "/tmp" if iso.contained else str(self._kernel_dir())
+        config = launch_config(
+            iso.mode, network=not iso.network_blocked, workdir=s.workdir, runtime=self.runtime, python=s.python,
+            ids=(iso.uid, iso.gid),
+        )
+        config.update(
+            drop_capabilities=iso.capabilities_dropped,
+            cgroup=str(self.cgroup) if self.cgroup else None,
+            memory_bytes=s.memory_mb * 2**20,
+            file_bytes=s.max_file_mb * 2**20,
+            tmp_bytes=s.max_file_mb * 2**20,
+            nproc_limit=s.max_processes + 1 if iso.process_limit == "RLIMIT_NPROC" else None,
+            env=kernel_env(s.env, home),
+            argv=[s.python, str(_HERE / "kernel_entry.py"), str(s.max_output_chars), _NO_HISTORY_FILE],
+        )
+        return config
 
     def _read_stderr_in_background(self) -> None:
         """Drain the kernel's stderr (ipykernel echoes fd-level output there): a full pipe would stall the kernel."""

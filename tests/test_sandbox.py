@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import tracemalloc
@@ -17,8 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import IsolationUnavailableError, KernelSandbox, KernelStartError, SandboxClosedError
-from sandbox.isolation import host_support
+from sandbox import KernelSandbox, KernelStartError, SandboxClosedError
 
 SECRET_NAME = "SANDBOX_TEST_API_TOKEN"
 SECRET_VALUE = "sk-test-4f1c9a7e-never-in-the-kernel"
@@ -116,8 +117,7 @@ def test_files_written_under_mnt_data_land_in_workdir(box: KernelSandbox) -> Non
 
 
 def test_mnt_data_is_the_path_the_model_is_told(box: KernelSandbox) -> None:
-    if not box.isolation.data_mount:
-        pytest.skip("no mount namespace here: the code sees the workdir under its own path")
+    assert box.isolation.contained
     assert box.data_path == "/mnt/data"
     assert box.execute("import os\nos.getcwd()").result == "'/mnt/data'"
 
@@ -256,16 +256,33 @@ def test_file_size_is_capped(box: KernelSandbox) -> None:
 
 
 def test_parent_secrets_do_not_reach_the_kernel(box: KernelSandbox) -> None:
-    code = (
-        "import os\nprint(sorted(k for k in os.environ if 'TOKEN' in k))\n"
-        "try:\n    print(open(f'/proc/{os.getppid()}/environ').read())\n"
-        "except OSError as exc:\n    print('denied', type(exc).__name__)"
-    )
-    result = box.execute(code)
+    result = box.execute("import os\nprint(sorted(k for k in os.environ if 'TOKEN' in k))")
+    assert result.stdout == "[]\n"
     assert SECRET_VALUE not in result.to_model_text() and SECRET_NAME not in result.to_model_text()
-    assert result.stdout.startswith("[]\n")
-    if box.isolation.capabilities_dropped:
-        assert "denied PermissionError" in result.stdout
+
+
+def test_no_process_environment_of_the_host_is_readable(tmp_path: Path) -> None:
+    """The owner process holds the secret from its very start (so /proc/<pid>/environ has it); the kernel scans
+    every process it can see for it."""
+    script = tmp_path / "owner.py"
+    script.write_text(
+        "import os, sys\nfrom sandbox import KernelSandbox\n"
+        f"assert {SECRET_VALUE!r}.encode() in open('/proc/self/environ', 'rb').read()\n"
+        "with KernelSandbox(timeout=20) as box:\n"
+        "    print(box.execute(sys.stdin.read()).to_model_text())\n"
+    )
+    scan = (
+        "import os\nfound, seen = [], 0\nfor pid in filter(str.isdigit, os.listdir('/proc')):\n"
+        "    seen += 1\n    try:\n        data = open(f'/proc/{pid}/environ', 'rb').read()\n"
+        "    except OSError:\n        continue\n"
+        f"    found += [pid] if {SECRET_VALUE!r}.encode() in data else []\n"
+        "print('seen', seen, 'found', found, 'parent', os.getppid())"
+    )
+    env = {**os.environ, SECRET_NAME: SECRET_VALUE, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, str(script)], input=scan, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "found []" in done.stdout and "parent 1" in done.stdout, done.stdout  # pid 1 is the sandbox's init
 
 
 def test_kernel_holds_no_capabilities(box: KernelSandbox) -> None:
@@ -308,23 +325,49 @@ def test_reset_gives_a_fresh_kernel(box: KernelSandbox) -> None:
     assert box.execute("'before_reset' in globals()").result == "False"
 
 
-def test_close_leaves_no_process_and_removes_own_workdir() -> None:
+def _host_pids_with(marker: str) -> list[int]:
+    """Host pids whose command line carries `marker` (pids inside the sandbox are its own namespace's)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker.encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_close_leaves_no_process_not_even_setsid_ones_and_removes_own_workdir() -> None:
     sandbox = KernelSandbox(timeout=10)
-    result = sandbox.execute("import subprocess\nsubprocess.Popen(['sleep', '300']).pid")
+    marker = f"sandbox-orphan-{os.getpid()}-{time.monotonic_ns()}"
+    code = (
+        "import subprocess, sys\nargs = [sys.executable, '-c', 'import time; time.sleep(300)', MARK]\n"
+        "subprocess.Popen(args)\nsubprocess.Popen(args, start_new_session=True)\n"
+        "subprocess.Popen(['sh', '-c', 'setsid \"$0\" -c \"import time; time.sleep(300)\" \"$1\" &', "
+        "sys.executable, MARK])\n"
+    ).replace("MARK", repr(marker))
+    result = sandbox.execute(code)
     assert result.ok, result.to_model_text()
-    kernel_pid, child_pid, workdir = sandbox.kernel_pid, int(result.result or 0), sandbox.workdir
-    assert kernel_pid is not None and not _gone(kernel_pid, within=0)
+    deadline = time.monotonic() + 10
+    while len(_host_pids_with(marker)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    children, kernel_pid, workdir = _host_pids_with(marker), sandbox.kernel_pid, sandbox.workdir
+    assert len(children) == 3 and kernel_pid is not None and not _gone(kernel_pid, within=0)
     sandbox.close()
-    assert _gone(kernel_pid) and _gone(child_pid)
+    assert _gone(kernel_pid) and all(_gone(pid) for pid in children)
     assert not workdir.exists()
     with pytest.raises(SandboxClosedError):
         sandbox.execute("1")
 
 
-def test_given_workdir_is_kept_after_close(tmp_path: Path) -> None:
+def test_given_workdir_is_kept_and_given_back_after_close(tmp_path: Path) -> None:
+    (tmp_path / "existing.txt").write_text("from the user")
     with KernelSandbox(workdir=tmp_path, timeout=10) as sandbox:
-        sandbox.execute("open('kept.txt', 'w').write('x')")
-    assert (tmp_path / "kept.txt").read_text() == "x"
+        result = sandbox.execute("open('kept.txt', 'w').write(open('existing.txt').read() + ', edited')")
+        assert result.ok, result.to_model_text()
+    assert (tmp_path / "kept.txt").read_text() == "from the user, edited"
+    owner = tmp_path.stat().st_uid
+    assert {(tmp_path / name).stat().st_uid for name in ("kept.txt", "existing.txt")} == {owner} == {os.getuid()}
 
 
 def test_first_execution_after_background_start_does_not_wait_for_start(box: KernelSandbox) -> None:
@@ -339,23 +382,30 @@ def test_first_execution_after_background_start_does_not_wait_for_start(box: Ker
         assert time.monotonic() - start < 0.5
 
 
-def test_network_false_leaves_only_loopback_or_is_refused() -> None:
-    if not host_support().namespaces:
-        with pytest.raises(IsolationUnavailableError, match="network=False"):
-            KernelSandbox(network=False)
-        return
-    host_interfaces = {name for _, name in socket.if_nameindex()}
-    if host_interfaces <= {"lo"}:
-        pytest.skip("the host has no network interface besides lo: nothing to block")
-    with KernelSandbox(timeout=10, network=False) as sandbox:
+def test_network_is_off_by_default_and_the_hosts_loopback_is_out_of_reach() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server, KernelSandbox(timeout=10) as sandbox:
+        server.settimeout(0.2)
+        port = server.getsockname()[1]
         code = (
             "import socket\nprint(sorted(n for _, n in socket.if_nameindex()))\n"
-            "try:\n    socket.create_connection(('1.1.1.1', 53), timeout=3)\n"
-            "except OSError as exc:\n    print('blocked', exc.errno)\n"
-            "server = socket.create_server(('127.0.0.1', 0))\nprint('loopback', server.getsockname()[0])"
+            f"try:\n    socket.create_connection(('127.0.0.1', {port}), timeout=3)\n"
+            "except OSError as exc:\n    print('refused', exc.errno)\n"
+            "own = socket.create_server(('127.0.0.1', 0))\nprint('own loopback', own.getsockname()[0])"
         )
         result = sandbox.execute(code)
-    assert result.stdout == "['lo']\nblocked 101\nloopback 127.0.0.1\n"  # ENETUNREACH
+        assert sandbox.isolation.network_blocked
+        with pytest.raises(TimeoutError):
+            server.accept()  # nothing from the kernel ever arrived
+    assert result.stdout == "['lo']\nrefused 111\nown loopback 127.0.0.1\n"  # ECONNREFUSED: another loopback
+
+
+def test_network_true_shares_the_hosts_network() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server, KernelSandbox(timeout=10, network=True) as sandbox:
+        port = server.getsockname()[1]
+        result = sandbox.execute(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=3).close()")
+        assert result.ok, result.to_model_text()
+        server.settimeout(5)
+        server.accept()[0].close()
 
 
 def test_unusable_interpreter_raises_start_error() -> None:

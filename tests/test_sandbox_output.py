@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -64,17 +65,34 @@ def test_model_text_shows_paths_as_the_code_sees_them() -> None:
     assert ExecutionResult().to_model_text() == "[no output]"
 
 
-def test_network_false_is_refused_where_no_namespace_can_enforce_it() -> None:
-    no_namespaces = HostSupport(namespaces=False, can_drop_capabilities=False, pids_cgroup_root=None, is_root=False)
-    with pytest.raises(IsolationUnavailableError, match="network=False"):
-        plan_isolation(network=False, support=no_namespaces)
-    plan = plan_isolation(network=True, support=no_namespaces)
-    assert not plan.network_blocked and not plan.data_mount and plan.process_limit == "RLIMIT_NPROC"
+def test_a_machine_that_cannot_contain_the_kernel_refuses_unless_the_caller_opts_out() -> None:
+    nothing = HostSupport(
+        mode=None, reason="unshare: Operation not permitted", can_drop_capabilities=False, pids_cgroup_root=None,
+        is_root=False,
+    )
+    with pytest.raises(IsolationUnavailableError, match="isolation='none'") as refused:
+        plan_isolation(network=True, isolation="auto", support=nothing)
+    assert "unshare: Operation not permitted" in str(refused.value)
+    with pytest.raises(IsolationUnavailableError, match="network=True"):
+        plan_isolation(network=False, isolation="none", support=nothing)
+    plan = plan_isolation(network=True, isolation="none", support=nothing)
+    assert plan.mode == "none" and not plan.contained and plan.data_path is None
+    assert not plan.network_blocked and plan.process_limit == "RLIMIT_NPROC" and plan.uid == os.getuid()
+    with pytest.raises(ValueError, match="isolation must be"):
+        plan_isolation(network=True, isolation="off", support=nothing)
+
+
+def test_root_gives_every_sandbox_its_own_unprivileged_uid() -> None:
+    root = HostSupport(mode="root", reason="", can_drop_capabilities=True, pids_cgroup_root=None, is_root=True)
+    plans = [plan_isolation(network=False, isolation="auto", support=root) for _ in range(20)]
+    assert len({plan.uid for plan in plans}) == 20 and all(plan.uid >= 0x70000000 for plan in plans)
+    assert all(plan.gid == plan.uid and plan.network_blocked and plan.contained for plan in plans)
+    assert {plan.process_limit for plan in plans} == {"RLIMIT_NPROC"}
 
 
 def test_kernel_env_is_an_allowlist(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-secret")
     monkeypatch.setenv("LANG", "C.UTF-8")
-    env = kernel_env({"EXTRA": "given"}, tmp_path)
+    env = kernel_env({"EXTRA": "given"}, str(tmp_path))
     assert "OPENAI_API_KEY" not in env
     assert env["LANG"] == "C.UTF-8" and env["EXTRA"] == "given" and env["HOME"] == str(tmp_path)
