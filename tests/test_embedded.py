@@ -166,6 +166,22 @@ def test_every_constrained_call_parses_and_matches_its_schema(model: EmbeddedMod
             call_arguments(message, TOOLS)  # raises on invalid JSON or a schema violation
 
 
+def test_parallel_tool_calls_false_ends_the_turn_at_its_one_call(model: EmbeddedModel) -> None:
+    """One call allowed: after it the turn ends, with no answer written before the result exists."""
+    for steer in (True, False):
+        for choice in ("auto", "required"):
+            message = model.complete(ask("What is the weather in Istanbul and in Hanoi?"), tools=TOOLS,
+                                     tool_choice=choice, parallel_tool_calls=False, max_tokens=120, steer=steer)
+            assert len(message.tool_calls) <= 1, (steer, choice)
+            assert not (message.tool_calls and message.content), (steer, choice, message.content)
+
+
+def test_a_request_without_tools_is_answered_in_text(model: EmbeddedModel) -> None:
+    for tools in (None, []):
+        message = model.complete(ask("What is the weather in Istanbul?"), tools=tools, max_tokens=30)
+        assert message.tool_calls == [] and message.content
+
+
 def test_max_tokens_bounds_the_output(model: EmbeddedModel) -> None:
     message = model.complete(ask("Tell me a long story about a dragon."), tool_choice="none", max_tokens=5)
     assert message.usage is not None and message.usage["completion_tokens"] <= 5

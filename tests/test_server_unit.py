@@ -13,10 +13,11 @@ from typing import Any
 import pytest
 
 from functionary_agent.errors import ConfigurationError, FormatError
-from functionary_agent.formats import FORMAT_NAMES, get_format
+from functionary_agent.formats import FORMAT_NAMES, Format, get_format
 from functionary_agent.server import _settings
 from functionary_agent.server.cli import add_serve_parser, vllm_command
 from functionary_agent.server.grammar import MAX_JSON_WHITESPACE, structural_tag
+from tests.structural_tags import accepts
 
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -91,12 +92,66 @@ def test_parallel_tool_calls_false_allows_one_call() -> None:
     assert [node["max"] for node in _kinds(auto, "repeat")] == [1] and not _kinds(auto, "star")
 
 
+def _output(fmt: Format, content: str | None, *calls: tuple[str, dict[str, Any]], choice: Any = "auto") -> str:
+    """What the model writes after the prompt (tool_choice prefix included) for this message, without the stop."""
+    message = {"role": "assistant", "content": content, "tool_calls": [
+        {"id": f"call_{n}", "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
+        for n, (name, arguments) in enumerate(calls)]}
+    prompt = fmt.render([], TOOLS, tool_choice=choice)
+    text = fmt.render([message], TOOLS, tool_choice=choice, add_generation_prompt=False)[len(prompt):].rstrip("\n")
+    for stop in fmt.stop:
+        text = text.removesuffix(stop)
+    return text
+
+
+def _text_after_call(fmt: Format) -> str:
+    return fmt.call_grammar(TOOLS).text_begin + "It is sunny there, 31 degrees."
+
+
+ISTANBUL, HANOI = ("get_weather", {"city": "Istanbul"}), ("get_weather", {"city": "Hanoi"})
+
+
+@pytest.mark.parametrize("name", FORMAT_NAMES)
+def test_parallel_tool_calls_false_ends_the_turn_after_its_call(name: str) -> None:
+    fmt = get_format(name)
+    tag = structural_tag(fmt, TOOLS, "auto", parallel_tool_calls=False)
+    assert accepts(tag, _output(fmt, None, ISTANBUL))
+    assert accepts(tag, _output(fmt, "Sure, I can answer that without tools."))
+    assert not accepts(tag, _output(fmt, None, ISTANBUL) + _text_after_call(fmt)), "an answer invented before results"
+    assert not accepts(tag, _output(fmt, None, ISTANBUL, HANOI))
+    for choice in ("required", NAMED):
+        limited = structural_tag(fmt, TOOLS, choice, parallel_tool_calls=False)
+        call = ("add", {"a": 1, "b": 2})
+        assert accepts(limited, _output(fmt, None, call, choice=choice))
+        assert not accepts(limited, _output(fmt, None, call, call, choice=choice))
+
+
+@pytest.mark.parametrize("name", FORMAT_NAMES)
+def test_without_a_limit_text_may_still_follow_calls(name: str) -> None:
+    fmt = get_format(name)
+    tag = structural_tag(fmt, TOOLS, "auto")
+    assert accepts(tag, _output(fmt, None, ISTANBUL, HANOI))
+    assert accepts(tag, _output(fmt, None, ISTANBUL) + _text_after_call(fmt))
+
+
 @pytest.mark.parametrize("name", FORMAT_NAMES)
 def test_max_calls_caps_the_calls_of_a_turn(name: str) -> None:
-    tag = structural_tag(get_format(name), TOOLS, "required", max_calls=3)
-    assert [node["max"] for node in _kinds(tag, "repeat")] == [2]
-    auto = structural_tag(get_format(name), TOOLS, "auto", max_calls=3)
-    assert sorted(node["max"] for node in _kinds(auto, "repeat")) in ([3], [2, 3])
+    fmt = get_format(name)
+    required = structural_tag(fmt, TOOLS, "required", max_calls=3)
+    assert [node["max"] for node in _kinds(required, "repeat")] == [2]
+    auto = structural_tag(fmt, TOOLS, "auto", max_calls=3)
+    assert accepts(auto, _output(fmt, None, ISTANBUL, HANOI, ISTANBUL))
+    assert not accepts(auto, _output(fmt, None, ISTANBUL, HANOI, ISTANBUL, HANOI))
+    two_then_text = _output(fmt, None, ISTANBUL, HANOI) + _text_after_call(fmt)
+    assert accepts(auto, two_then_text) and not accepts(structural_tag(fmt, TOOLS, "auto", max_calls=2), two_then_text)
+
+
+@pytest.mark.parametrize("name", FORMAT_NAMES)
+def test_a_request_without_tools_allows_text_only(name: str) -> None:
+    fmt = get_format(name)
+    tag = structural_tag(fmt, [], "auto")
+    assert not _kinds(tag, "json_schema")
+    assert accepts(tag, "A haiku: leaves fall, the year turns, the kettle sings.")
 
 
 def test_argument_bounds_tighten_free_strings_and_arrays() -> None:

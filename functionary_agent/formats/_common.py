@@ -139,11 +139,42 @@ def message_text(content: Any) -> str:
     return str(content)
 
 
+def effective_tool_choice(tools: Sequence[Any], tool_choice: Any) -> ToolChoice:
+    """The request's tool_choice, except that a request without tools is a "none" request (as upstream does):
+    the prompt then opens a text answer instead of asking for a recipient that does not exist."""
+    choice = parse_tool_choice(tool_choice)
+    if not function_names(tools) and not has_code_interpreter(tools):
+        return ToolChoice("none")
+    return choice
+
+
+def in_call_order(messages: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The tool results that follow an assistant turn, in the order of that turn's calls (matched by
+    `tool_call_id`), as upstream reorders them before rendering. Results without an id, or with an id of no call
+    of that turn, keep their relative order after the matched ones. Nothing is dropped or repeated."""
+    ordered = list(messages)
+    index = 0
+    while index < len(ordered):
+        calls = ordered[index].get("tool_calls") if ordered[index].get("role") == "assistant" else None
+        index += 1
+        end = index
+        while end < len(ordered) and ordered[end].get("role") in ("tool", "function"):
+            end += 1
+        if calls:
+            position = {str(call.get("id")): n for n, call in enumerate(calls) if isinstance(call, Mapping)}
+            unmatched = len(position)
+            ordered[index:end] = sorted(
+                ordered[index:end], key=lambda result: position.get(str(result.get("tool_call_id")), unmatched)
+            )
+        index = max(end, index)
+    return ordered
+
+
 def prepare_turns(messages: Iterable[Mapping[str, Any]], code: frozenset[str]) -> list[Turn]:
-    """Normalise messages; tool results get their function's name from the call they answer."""
+    """Normalise messages (tool results in call order); results get their function's name from their call."""
     names_by_id: dict[str, str] = {}
     turns = []
-    for message in messages:
+    for message in in_call_order(messages):
         role = str(message.get("role", "user"))
         text = message_text(message.get("content"))
         if role == "assistant":

@@ -17,8 +17,8 @@ from functionary_agent.formats._common import (
     ToolSet,
     Turn,
     code_names,
+    effective_tool_choice,
     function_names,
-    parse_tool_choice,
     prepare_turns,
     select_tools,
 )
@@ -47,8 +47,8 @@ class Format(ABC):
         add_generation_prompt: bool = True,
     ) -> str:
         """The prompt text (no BOS token); with `add_generation_prompt` it ends with the tool_choice prefix."""
-        choice = parse_tool_choice(tool_choice)
         all_tools = list(tools or ())
+        choice = effective_tool_choice(all_tools, tool_choice)
         toolset = select_tools(all_tools, choice)
         code = code_names(all_tools)
         parts = [self._system(toolset)]
@@ -66,14 +66,14 @@ class Format(ABC):
 
     def stream_parser(self, *, tools: Tools = None, tool_choice: Any = "auto") -> StreamParser:
         all_tools = list(tools or ())
-        choice = parse_tool_choice(tool_choice)
+        choice = effective_tool_choice(all_tools, tool_choice)
         known = frozenset(function_names(all_tools))
         return StreamParser(self.protocol, self._start(choice), code_names(all_tools), known)
 
     def call_grammar(self, tools: Tools, tool_choice: Any = "auto") -> CallGrammar:
         """What the model may emit for this request; see `functionary_agent.formats.grammar`."""
-        choice = parse_tool_choice(tool_choice)
         all_tools = list(tools or ())
+        choice = effective_tool_choice(all_tools, tool_choice)
         toolset = select_tools(all_tools, choice)
         code = code_names(all_tools)
         specs = [self._spec(str(function["name"]), function.get("parameters"), code) for function in toolset.functions]

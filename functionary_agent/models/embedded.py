@@ -154,7 +154,8 @@ class EmbeddedModel(ChatModel):
         tool_choice: ToolChoice = "auto",
         **settings: Any,
     ) -> AsyncIterator[StreamItem]:
-        request = _Request(list(messages), list(tools), tool_choice, {**self.settings, **_checked_settings(settings)})
+        settings = {**self.settings, **_checked_settings(settings)}
+        request = _Request(list(messages), list(tools or ()), tool_choice, settings)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         stop = threading.Event()

@@ -60,7 +60,7 @@ def _excludes(fmt: Format, grammar: CallGrammar) -> list[str]:
 
 def _recipient_first(grammar: CallGrammar, excludes: list[str], limit: int | None) -> Node:
     """v2, v3, chatml-v3: every segment opens with its recipient, the first one partly written by the prompt.
-    Text segments may come anywhere; calls at most `limit` times."""
+    Text segments may come anywhere before the call limit is reached; after the last allowed call, the turn ends."""
     first = grammar.first_openers()
     first_calls = [_segment(rest, spec, excludes) for rest, spec in first.items() if spec is not None]
     later_calls = [_segment(begin, spec, excludes) for begin, spec in grammar.openers().items() if spec is not None]
@@ -71,11 +71,11 @@ def _recipient_first(grammar: CallGrammar, excludes: list[str], limit: int | Non
     text_first = _segment(text_rest[0], None, excludes)
     if limit == 0 or not later_calls:
         return _sequence(text_first, texts)
-    more = _sequence(_or(later_calls), texts)
-    starts_with_text = _sequence(text_first, texts, _repeat(more, limit))
+    call = _or(later_calls)
+    starts_with_text = _sequence(text_first, texts, _more_calls(call, texts, limit))
     if not first_calls:
         return starts_with_text
-    return _or([starts_with_text, _sequence(_or(first_calls), texts, _repeat(more, _less(limit)))])
+    return _or([starts_with_text, _sequence(_or(first_calls), _after_call(call, texts, _less(limit)))])
 
 
 def _text_first(grammar: CallGrammar, excludes: list[str], limit: int | None) -> Node:
@@ -88,7 +88,24 @@ def _text_first(grammar: CallGrammar, excludes: list[str], limit: int | None) ->
     text = _text(excludes)
     if limit == 0 or not later_calls:
         return text
-    return _sequence(text, _repeat(_sequence(_or(later_calls), text), limit))
+    return _sequence(text, _more_calls(_or(later_calls), text, limit))
+
+
+def _more_calls(call: Node, text: Node, limit: int | None) -> Node | None:
+    """Up to `limit` more calls (None: any number), each followed by text only while another call may follow."""
+    if limit is None:
+        return _star(_sequence(call, text))
+    if limit <= 0:
+        return None
+    return _repeat(_sequence(call, _after_call(call, text, limit - 1)), 1)
+
+
+def _after_call(call: Node, text: Node, remaining: int | None) -> Node | None:
+    """What may follow a call when `remaining` more calls are allowed: at the limit, only the end of the turn (a
+    text segment there would be an answer written before the results exist)."""
+    if remaining == 0:
+        return None
+    return _sequence(text, _more_calls(call, text, remaining))
 
 
 def _calls_only(first_calls: list[Node], later_calls: list[Node], limit: int | None) -> Node:
