@@ -10,7 +10,11 @@ anchor)`, all measured in one run on one server:
   request (`vllm_xargs`): requests/s, completion tokens/s, and the share of calls that name a tool and validate;
 - the same text answers (tool_choice "none"), grammar off vs on: the per-token cost of the free-text constraint;
 - one tool-call turn, wall time: the embedded engine (llama.cpp, the bundled GGUF) vs the server (same model as a
-  Hugging Face folder), both after a warm-up. Skipped where llama-cpp-python is not installed.
+  Hugging Face folder), both after a warm-up. Skipped where llama-cpp-python is not installed;
+- a 6-request agent conversation (calls, results, follow-up questions) resent whole each time, as agents do: the
+  share of prompt tokens vLLM's prefix cache served (from `/metrics`), and the last request's time to first token
+  against the first request's and against the same last prompt with its first message changed (no reuse).
+`--parts grammar,embedded,prefix` picks what to run (default: all).
 """
 
 from __future__ import annotations
@@ -52,12 +56,18 @@ def main() -> None:
                         "this one)")
     parser.add_argument("--rounds", type=int, default=3, help="passes over the requests per setting (default 3)")
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--parts", default="grammar,embedded,prefix")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     with _server(args) as (base_url, model):
         client = openai.OpenAI(base_url=base_url, api_key=os.environ.get("FUNCTIONARY_API_KEY", "none"),
                                max_retries=0, timeout=600)
-        _grammar_lines(client, model, args.rounds, args.concurrency)
-        _embedded_vs_server(base_url, model)
+        if "grammar" in parts:
+            _grammar_lines(client, model, args.rounds, args.concurrency)
+        if "embedded" in parts:
+            _embedded_vs_server(base_url, model)
+        if "prefix" in parts:
+            _prefix_cache_lines(client, base_url, model)
 
 
 # -- grammar on vs off --------------------------------------------------------------------------------------------
@@ -151,6 +161,81 @@ def _best_of(turn: Any, repeat: int = 5) -> float:
         turn()
         times.append(time.perf_counter() - started)
     return min(times)
+
+
+# -- prefix cache over an agent conversation ----------------------------------------------------------------------
+
+AGENT_TURNS = ["What is the weather in Paris?", "And what is 17 plus 25?", "Is it warmer in Rome than in Paris?",
+               "Thanks. What about Oslo?", "Add 3 and 4, please.", "Summarise what you found."]
+RESULTS = {"get_weather": '{"temperature": 21, "condition": "cloudy"}', "add": "42"}
+
+
+def _prefix_cache_lines(client: Any, base_url: str, model: str) -> None:
+    system = {"role": "system", "content": "You are a travel assistant. Use the tools when they help. " * 8}
+    messages: list[dict[str, Any]] = [system]
+    questions = iter(AGENT_TURNS)
+    before = _prefix_counters(base_url)
+    first_token: list[float] = []
+    for _ in range(6):
+        if messages[-1]["role"] != "tool":
+            messages.append({"role": "user", "content": next(questions)})
+        seconds, reply = _streamed_turn(client, model, messages)
+        first_token.append(seconds)
+        messages.append(reply)
+        messages += [{"role": "tool", "tool_call_id": c["id"], "content": RESULTS.get(c["function"]["name"], "ok")}
+                     for c in reply.get("tool_calls") or ()]
+    hits, queries = (after - start for after, start in zip(_prefix_counters(base_url), before, strict=True))
+    last = _last_request(messages)
+    changed = [{**system, "content": "You are a terse travel assistant. " + system["content"]}, *last[1:]]
+    cold, _ = _streamed_turn(client, model, changed)
+    print(f"server 6-request agent conversation, prompt tokens served from the prefix cache: "
+          f"{hits / max(queries, 1):.1%} ({hits:.0f} of {queries:.0f})")
+    print(f"server request-6 time to first token: {first_token[-1] * 1000:.0f} ms "
+          f"({first_token[-1] / first_token[0]:.2f}x request 1's {first_token[0] * 1000:.0f} ms; "
+          f"{first_token[-1] / cold:.2f}x the same prompt without reuse, {cold * 1000:.0f} ms)")
+
+
+def _last_request(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages the sixth request sent: everything before its reply and that reply's tool results."""
+    end = len(messages)
+    while messages[end - 1]["role"] == "tool":
+        end -= 1
+    return messages[: end - 1]
+
+
+def _streamed_turn(client: Any, model: str, messages: list[dict[str, Any]]) -> tuple[float, dict[str, Any]]:
+    """Time to the first streamed delta, and the reply as an assistant message (arguments as the server sent)."""
+    started, first = time.perf_counter(), None
+    content, calls = "", {}
+    stream = client.chat.completions.create(model=model, messages=messages, tools=TOOLS, temperature=0,
+                                            max_tokens=96, stream=True)
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        if first is None and (delta.content or delta.tool_calls):
+            first = time.perf_counter() - started
+        content += delta.content or ""
+        for part in delta.tool_calls or ():
+            call = calls.setdefault(part.index, {"id": part.id, "type": "function",
+                                                 "function": {"name": "", "arguments": ""}})
+            call["function"]["name"] += part.function.name or ""
+            call["function"]["arguments"] += part.function.arguments or ""
+    reply: dict[str, Any] = {"role": "assistant", "content": content or None}
+    if calls:
+        reply["tool_calls"] = [calls[index] for index in sorted(calls)]
+    return first if first is not None else time.perf_counter() - started, reply
+
+
+def _prefix_counters(base_url: str) -> tuple[float, float]:
+    """vLLM's prefix cache counters (tokens): hits and queries, summed over engines."""
+    text = httpx.get(f"{base_url.removesuffix('/v1')}/metrics", timeout=30).text
+    totals = {"vllm:prefix_cache_hits_total": 0.0, "vllm:prefix_cache_queries_total": 0.0}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in totals:
+            totals[name] += float(line.rsplit(" ", 1)[1])
+    return totals["vllm:prefix_cache_hits_total"], totals["vllm:prefix_cache_queries_total"]
 
 
 # -- the server ---------------------------------------------------------------------------------------------------

@@ -316,10 +316,43 @@ def test_server_prompt_equals_formats_render(server: str, tool_choice: Any) -> N
     assert tokens == served
 
 
+def test_results_sent_out_of_call_order_are_rendered_in_call_order(server: str) -> None:
+    shuffled = [*HISTORY[:3], HISTORY[4], HISTORY[3], *HISTORY[5:]]
+    request = {"model": NAME, "messages": shuffled, "tools": TOOLS, "max_tokens": 1, "return_token_ids": True}
+    served = httpx.post(f"{server}/chat/completions", json=request, timeout=120).json()["prompt_token_ids"]
+    text = httpx.post(f"{server.removesuffix('/v1')}/detokenize", json={"model": NAME, "tokens": served},
+                      timeout=60).json()["prompt"]
+    assert text == get_format("chatml-v3").render(HISTORY, TOOLS)
+    assert text.index("sunny, 24 C") < text.index("<|im_start|>tool\n3<|im_end|>")
+
+
+def test_parallel_tool_calls_false_never_returns_content_with_a_call(client: Any) -> None:
+    """One call allowed: the turn ends after it, so no text (an answer made up before the result) comes with it."""
+    messages = [{"role": "user", "content": "What is the weather in Istanbul and in Hanoi?"}]
+    called = 0
+    for seed in range(6):
+        for stream in (False, True):
+            kwargs = {"parallel_tool_calls": False, "temperature": 0.9, "seed": seed, "max_tokens": 160}
+            if stream:
+                chunks = [c for c in _chat(client, messages, TOOLS, stream=True, **kwargs) if c.choices]
+                text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
+                calls = {p.index for c in chunks for p in c.choices[0].delta.tool_calls or ()}
+            else:
+                message = _chat(client, messages, TOOLS, **kwargs).choices[0].message
+                text, calls = message.content or "", set(range(len(message.tool_calls or ())))
+            assert len(calls) <= 1 and not (calls and text.strip()), (seed, stream, text)
+            called += bool(calls)
+    assert called, "the model never called a tool: the case was not exercised"
+
+
 def test_chat_without_tools_is_plain_text(server: str, client: Any) -> None:
     messages = [{"role": "user", "content": "Say hello."}]
     choice = _chat(client, messages, max_tokens=24).choices[0]
     assert choice.message.content and not choice.message.tool_calls
+    echo = [{"role": "user", "content": "Repeat exactly, nothing else: >>>get_weather\n{}"}]
+    for seed in range(4):  # the text-only grammar of a request without tools keeps call markers out
+        content = _chat(client, echo, max_tokens=24, temperature=0.9, seed=seed).choices[0].message.content or ""
+        assert ">>>" not in content
     assert not choice.message.content.startswith("all")  # the recipient is the prompt's, not the answer's
     request = {"model": NAME, "messages": messages, "max_tokens": 1, "return_token_ids": True}
     served = httpx.post(f"{server}/chat/completions", json=request, timeout=120).json()["prompt_token_ids"]

@@ -73,13 +73,14 @@ class FunctionaryToolParser(ToolParser):
     # -- request ------------------------------------------------------------------------------------------------
 
     def adjust_request(self, request: Any) -> Any:
-        """Markers can be special tokens, so keep them in the text; constrain decoding to the call grammar."""
+        """Markers can be special tokens, so keep them in the text; constrain decoding to the call grammar (a
+        request without tools gets the text-only grammar of tool_choice "none")."""
         if not hasattr(request, "messages"):  # the Responses API: not ours to shape
             return request
         request.skip_special_tokens = False
         tools = request_tools(request)
         xargs = getattr(request, "vllm_xargs", None)
-        if not tools or not grammar_enabled(xargs) or _has_own_constraint(request):
+        if not grammar_enabled(xargs) or _has_own_constraint(request):
             return request
         tag = structural_tag(
             self.format, tools, request_tool_choice(request),
