@@ -1,6 +1,9 @@
-"""BFCL v3 "simple" with the embedded engine vs llama-cpp-python's own `chatml-function-calling` handler.
+"""BFCL v3 "simple" with the embedded engine, steering on and off, vs llama-cpp-python's `chatml-function-calling`.
 
     python benchmarks/bfcl_embedded.py [--limit N] [--tool-choice auto|required] [--skip-anchor]
+
+The file is a dev set to measure on, never a source of rules or tests; report the whole set (`--limit` is for
+quick looks only), with the ablation (`steer=False`) beside it, all from one run.
 
 Both run the bundled SmolLM2-135M-Instruct GGUF on the same CPU threads, greedy. Scoring follows the data's README
 (BFCL's AST checker for single calls): one call to the right function (dots in names become "_"), every required
@@ -149,9 +152,10 @@ def _parsed(name: str, arguments: str | None) -> Call:
 # -- engines ----------------------------------------------------------------------------------------------------------
 
 
-def ours(model: EmbeddedModel, tool_choice: str) -> Callable[[dict[str, Any]], list[Call]]:
+def ours(model: EmbeddedModel, tool_choice: str, steer: bool) -> Callable[[dict[str, Any]], list[Call]]:
     def ask(item: dict[str, Any]) -> list[Call]:
-        message = model.complete(item["question"][0], tools=openai_tools(item["function"]), tool_choice=tool_choice)
+        message = model.complete(item["question"][0], tools=openai_tools(item["function"]), tool_choice=tool_choice,
+                                 steer=steer)
         return [_parsed(call.name, call.arguments) for call in message.tool_calls]
 
     return ask
@@ -217,17 +221,19 @@ def main() -> None:
     args = parser.parse_args()
     items = load_items(args.limit)
     model = EmbeddedModel(**dict(_setting(text) for text in args.set)).load()
-    accuracy, seconds = measure(ours(model, args.tool_choice), items, args.show_failures)
-    label = f"embedded, tool_choice {args.tool_choice}, {len(items)} items"
-    if args.skip_anchor:
-        print(f"bfcl simple accuracy ({label}): {accuracy:.1f} %")
-        print(f"bfcl simple seconds per item ({label}): {seconds:.2f} s")
-        return
-    base_accuracy, base_seconds = measure(handler(model.n_threads), items)
-    ratio = f"{accuracy / base_accuracy:.1f}x" if base_accuracy else "handler scored 0"
-    print(f"bfcl simple accuracy ({label}): {accuracy:.1f} % ({ratio} chatml-function-calling's {base_accuracy:.1f} %)")
-    print(f"bfcl simple seconds per item ({label}): {seconds:.2f} s "
-          f"({seconds / base_seconds:.2f}x chatml-function-calling's {base_seconds:.2f} s)")
+    results = {steer: measure(ours(model, args.tool_choice, steer), items, args.show_failures and steer)
+               for steer in (True, False)}
+    anchor = None if args.skip_anchor else measure(handler(model.n_threads), items)
+    for steer, (accuracy, seconds) in results.items():
+        label = f"embedded steer {'on' if steer else 'off'}, tool_choice {args.tool_choice}, {len(items)} items"
+        if anchor is None:
+            print(f"bfcl simple accuracy ({label}): {accuracy:.1f} %")
+            print(f"bfcl simple seconds per item ({label}): {seconds:.2f} s")
+            continue
+        ratio = f"{accuracy / anchor[0]:.1f}x" if anchor[0] else "handler scored 0"
+        print(f"bfcl simple accuracy ({label}): {accuracy:.1f} % ({ratio} chatml-function-calling's {anchor[0]:.1f} %)")
+        print(f"bfcl simple seconds per item ({label}): {seconds:.2f} s "
+              f"({seconds / anchor[1]:.2f}x chatml-function-calling's {anchor[1]:.2f} s)")
 
 
 if __name__ == "__main__":

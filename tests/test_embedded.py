@@ -166,6 +166,38 @@ def test_every_constrained_call_parses_and_matches_its_schema(model: EmbeddedMod
             call_arguments(message, TOOLS)  # raises on invalid JSON or a schema violation
 
 
+def _after_examples(pairs: list[tuple[str, str]], question: str) -> list[dict[str, Any]]:
+    history: list[dict[str, Any]] = []
+    for asked, answered in pairs:
+        history += [{"role": "user", "content": asked}, {"role": "assistant", "content": answered}]
+    return [*history, {"role": "user", "content": question}]
+
+
+@pytest.mark.parametrize("choice", ["auto", "none"])
+def test_a_text_answer_may_start_with_a_digit_or_a_lowercase_letter(model: EmbeddedModel, choice: str) -> None:
+    """Steering keeps the model from echoing the protocol, not from answering "8" or "cat"."""
+    digits = _after_examples([("2+2?", "4"), ("3*3?", "9"), ("10-4?", "6")], "5+3?")
+    message = model.complete(digits, tools=[WEATHER], tool_choice=choice, max_tokens=8)
+    assert message.tool_calls == [] and message.content and message.content[0].isdigit(), message.content
+    lower = _after_examples([("Say hi in lowercase.", "hi"), ("Say yes in lowercase.", "yes")], "Say cat in lowercase.")
+    message = model.complete(lower, tools=[WEATHER], tool_choice=choice, max_tokens=8)
+    assert message.tool_calls == [] and message.content and message.content[0].islower(), message.content
+
+
+def test_two_cities_get_two_calls(model: EmbeddedModel) -> None:
+    message = model.complete(ask("What is the weather in Istanbul and in Hanoi?"), tools=[WEATHER], max_tokens=120)
+    cities = [arguments["location"].lower() for _, arguments in call_arguments(message, [WEATHER])]
+    assert cities == ["istanbul", "hanoi"] and not message.content
+    single = model.complete(ask("What is the weather in Istanbul?"), tools=[WEATHER], max_tokens=120)
+    assert len(single.tool_calls) == 1
+
+
+def test_small_talk_gets_text_not_a_call(model: EmbeddedModel) -> None:
+    for prompt in ("Who wrote Pride and Prejudice?", "Tell me a joke about cats.", "Thanks, that was helpful."):
+        message = model.complete(ask(prompt), tools=TOOLS, max_tokens=40)
+        assert message.tool_calls == [], (prompt, message.tool_calls)
+
+
 def test_parallel_tool_calls_false_ends_the_turn_at_its_one_call(model: EmbeddedModel) -> None:
     """One call allowed: after it the turn ends, with no answer written before the result exists."""
     for steer in (True, False):

@@ -14,8 +14,8 @@ from typing import Any
 from functionary_agent.formats._common import message_text
 from functionary_agent.models.base import ToolCall
 
-# A number as people write it: thousands grouped by three ("1,500,000") or plain ("0.05", "-11"); a list such as
-# "[22,33,42]" is three numbers, not one.
+# A number as people write it: thousands grouped by three ("2,500,000") or plain ("0.75", "-18"); a list such as
+# "[12,14,16]" is three numbers, not one.
 _NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\w])|(?<![\w.])-?\d+(?:\.\d+)?")
 _NUMBER_WORDS = {
     "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9,
@@ -102,13 +102,21 @@ def evidence_text(messages: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(message_text(m.get("content")) for m in messages if m.get("role") in ("user", "system", "tool"))
 
 
+_WORD = re.compile(r"[0-9a-z\u00c0-\uffff]+")
+
+
+def words_of(text: str) -> list[str]:
+    """Lower-case runs of letters and digits: the unit in which values are matched against the conversation."""
+    return _WORD.findall(text.lower())
+
+
 class Evidence:
-    """The conversation's text, normalised for lenient matching: case, punctuation and spacing do not count."""
+    """The conversation's text as words, for lenient matching: case, punctuation and spacing do not count, but a
+    value must match whole words ("NY" is not grounded by "any", nor "5" by "15")."""
 
     def __init__(self, text: str) -> None:
-        lowered = text.lower()
-        self._squashed = re.sub(r"[^0-9a-z\u00c0-\uffff]", "", lowered)
-        self._words = set(re.findall(r"[0-9a-z\u00c0-\uffff]+", lowered))
+        self._sequence = words_of(text)
+        self._words = set(self._sequence)
         self._numbers = {float(number) for number in numbers_in(text)}
 
     def supports(self, value: Any) -> bool:
@@ -117,15 +125,82 @@ class Evidence:
         if isinstance(value, (int, float)):
             return float(value) in self._numbers
         if isinstance(value, str):
-            squashed = re.sub(r"[^0-9a-z\u00c0-\uffff]", "", value.lower())
-            words = re.findall(r"[0-9a-z\u00c0-\uffff]+", value.lower())
-            quoted = squashed in self._squashed or 2 * sum(word in self._words for word in words) >= len(words)
-            return bool(squashed) and quoted
+            words = words_of(value)
+            known = sum(word in self._words for word in words)
+            return bool(words) and (self._quotes("".join(words)) or (len(words) > 1 and 2 * known >= len(words)))
         if isinstance(value, list):
             return all(self.supports(item) for item in value)
         if isinstance(value, dict):
             return all(self.supports(item) for item in value.values())
         return True
+
+    def _quotes(self, squashed: str) -> bool:
+        """Some run of whole conversation words spells `squashed` ("new-york", "New York" and "NewYork" alike)."""
+        for start, word in enumerate(self._sequence):
+            if not squashed.startswith(word):
+                continue
+            spelled, end = word, start + 1
+            while len(spelled) < len(squashed) and end < len(self._sequence):
+                spelled, end = spelled + self._sequence[end], end + 1
+            if spelled == squashed:
+                return True
+        return False
+
+
+# Words that say nothing of what a tool is for: glue, and the verbs every request and every tool description uses.
+_GLUE_TEXT = """a an the to of in on at by for from with and or is are was be it its me my i you your we our us
+this that what whats how who why when where which please can could would will do does did get set make give tell let
+like want need some any all one there here about into than then now right today via given specified name value type
+current"""
+_GLUE = frozenset(_GLUE_TEXT.split())
+_STEM = 5  # "reserve" and "reservation", "convert" and "conversion" meet in their first five letters
+
+
+class Relevance:
+    """Whether the user's request mentions what a tool is for: a word of the request meets a word of the tool's
+    name, description, parameter names or descriptions or enum values (glue words aside, long words by their first
+    five letters). A 135M model calls some tool for almost any question ("Who wrote Hamlet?" becomes a file search
+    for "Hamlet", whose value the question does contain), so grounding alone cannot tell a request from small talk.
+    """
+
+    def __init__(self, tools: Sequence[Mapping[str, Any]], request: str) -> None:
+        self._asked = _stems(request)
+        self._purposes: dict[str, set[str]] = {}
+        for tool in tools:
+            function = tool.get("function") if isinstance(tool.get("function"), Mapping) else tool
+            if isinstance(function, Mapping) and isinstance(function.get("name"), str):
+                self._purposes[function["name"]] = _stems(_purpose_text(function))
+
+    def serves(self, name: str) -> bool:
+        purpose = self._purposes.get(name)
+        return purpose is None or bool(purpose & self._asked)
+
+    def served(self) -> frozenset[str]:
+        """The tools the request mentions the purpose of."""
+        return frozenset(name for name in self._purposes if self.serves(name))
+
+
+def _stems(text: str) -> set[str]:
+    return {word[:_STEM] for word in words_of(text.replace("_", " ")) if word not in _GLUE and not word.isdigit()}
+
+
+def _purpose_text(function: Mapping[str, Any]) -> str:
+    parts = [str(function.get("name", "")), str(function.get("description", ""))]
+    properties = (function.get("parameters") or {}).get("properties") or {}
+    for key, prop in properties.items() if isinstance(properties, Mapping) else ():
+        parts.append(str(key))
+        if isinstance(prop, Mapping):
+            parts.append(str(prop.get("description", "")))
+            parts.extend(str(item) for item in prop.get("enum") or () if isinstance(item, str))
+    return " ".join(parts)
+
+
+def request_text(messages: Sequence[Mapping[str, Any]]) -> str:
+    """The request a call answers: the last user message."""
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            return message_text(message.get("content"))
+    return ""
 
 
 def _unlooped(value: Any, max_items: int | None) -> Any:
@@ -159,3 +234,96 @@ def _calls_of(message: Mapping[str, Any]) -> list[ToolCall]:
     if message.get("role") != "assistant":
         return []
     return [ToolCall.from_dict(call) for call in message.get("tool_calls") or () if isinstance(call, Mapping)]
+
+
+# What may stand between two listed values: a comma or a conjunction, then perhaps the preposition or article that
+# the first value had ("in Istanbul and in Hanoi", "to EUR and to GBP").
+_LINK = r"(?:\s*,\s*(?:(?:and|or|&)\s+)?|\s+(?:and|or|&|plus)\s+)(?:(?:in|to|for|at|on|from|of|the|with|into)\s+)?"
+_NUMBER_TEXT = r"-?\d+(?:\.\d+)?"
+
+
+def listed_with(text: str, value: Any) -> list[str]:
+    """The values `text` lists together with `value` ("Paris, Berlin and Madrid"; "20 GBP and 35 GBP"): the same
+    shape (a number, a capitalised name of as many words, a code in capitals, a file or address name), joined by
+    a comma or a conjunction. Plain lower-case words are never listed values: too often they are the next verb."""
+    entity = _entity_pattern(value)
+    if entity is None:
+        return []
+    found: list[str] = []
+    for match in re.finditer(rf"(?<![\w.@])({re.escape(_spelled(value))})(?![\w@])", text, flags=re.IGNORECASE):
+        unit = re.match(r"\s+([A-Za-z]+)", text[match.end(1):]) if entity == _NUMBER_TEXT else None
+        found += _walk(text, match.start(1), match.end(1), entity, unit.group(1) if unit else "")
+    unique = [item for item in dict.fromkeys(found) if item.lower() != str(value).lower()]
+    return unique
+
+
+def _entity_pattern(value: Any) -> str | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return _NUMBER_TEXT
+    if not isinstance(value, str) or not value.strip():
+        return None
+    words = value.split()
+    if any(ch in value for ch in "._@") or any(ch.isdigit() for ch in value):
+        return r"[\w\-]+(?:[._@][\w\-]+)+" if len(words) == 1 else None  # a file or address name
+    if all(word.isupper() and len(word) > 1 for word in words):
+        return r"\s+".join([r"[A-Z]{2,}"] * len(words))
+    if all(word[:1].isupper() for word in words):
+        return r"\s+".join([r"[A-Z\u00c0-\u00de][\w'\-]*"] * len(words))
+    return None
+
+
+def _walk(text: str, start: int, end: int, entity: str, unit: str = "") -> list[str]:
+    """Neighbours of the value at text[start:end], rightwards then leftwards, as long as the list goes on. A
+    number's unit may follow each number ("10 miles and 20 miles")."""
+    unit = rf"(?:\s+{re.escape(unit)})?" if unit else ""
+    found = []
+    right = end
+    while match := re.match(rf"{unit}{_LINK}({entity})(?![\w@])", text[right:]):
+        found.append(match.group(1))
+        right += match.end()
+    left = start
+    while match := re.search(rf"(?<![\w.@])({entity}){unit}{_LINK}$", text[:left]):
+        found.append(match.group(1))
+        left = match.start(1)
+    return found
+
+
+def _spelled(value: Any) -> str:
+    """A value as the user would have written it (20.0 as "20")."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+class FurtherCalls:
+    """After a call, a further call of the same tool for each other value the user listed with one of its values:
+    "weather in Istanbul and in Hanoi" -> get_weather(Istanbul), then get_weather(Hanoi). A small model makes the
+    first call and then answers for both cities from nothing; this writes the calls the list asks for instead.
+    Each value is used once per turn; the call made is the previous one with that value replaced."""
+
+    def __init__(self, request: str) -> None:
+        self._request = request
+        self._used: set[tuple[str, str, str]] = set()
+
+    def __call__(self, name: str, arguments: str) -> str | None:
+        value = _loads(arguments)
+        if not isinstance(value, dict):
+            return None
+        for key, item in value.items():
+            self._used.add((name, key, str(item).lower()))
+        for key, item in value.items():
+            for sibling in listed_with(self._request, item):
+                if (name, key, sibling.lower()) not in self._used:
+                    replaced = {**value, key: _like(item, sibling)}
+                    return json.dumps(replaced, ensure_ascii=False)
+        return None
+
+
+def _like(original: Any, text: str) -> Any:
+    """`text` as a value of the original's type (numbers stay numbers)."""
+    if isinstance(original, (int, float)) and not isinstance(original, bool):
+        number = float(text)
+        return int(number) if isinstance(original, int) and number.is_integer() else number
+    return text

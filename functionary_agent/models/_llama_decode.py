@@ -28,11 +28,17 @@ from functionary_agent.formats.grammar import gbnf_literal
 from functionary_agent.models._grounding import numbers_in
 
 _MIN_LOOP_LINE = 12  # shorter lines (a closing brace, "Yes.") may well repeat on purpose
-# A text segment's first token must start like prose: a capital or a non-ASCII letter, and not one of the words a
-# small model writes when it mistakes itself for the tool (a Python literal, a traceback) or echoes the recipient.
-_PROSE_START = "root ::= ([A-Z] | [^\\x00-\\x7f]) [^\\x00]*"
-_NOT_PROSE = ("All", "Available", "True", "False", "None", "Null", "Trace", "Traceback", "Output", "Python", "Error",
-              "Return")
+# A text segment may not open with the words a small model writes when it echoes the protocol instead of answering
+# (the `all` recipient, "Recipient:", "Available functions", a traceback). Measured on the prompts of
+# benchmarks/embedded_decisions.py under tool_choice "none": 4.7 % of answers echoed the protocol or were empty with
+# this ban, 17.2 % with none, 14.1 % with the earlier rule (a capital first letter, Python literals banned), which
+# also refused answers such as "8 legs.".
+_NOT_PROSE = ("All", "all", "ALL", "Available", "Trace", "Traceback", "Recipient", "Output")
+# Right after a tool result the model mistakes itself for the tool: it copies the result's JSON, a date, or answers
+# "True" / "None" for ever (seen on the README's own weather example). There the answer must open like a sentence:
+# a capital or non-ASCII letter, and not a Python literal.
+_SENTENCE_START = "root ::= ([A-Z] | [^\\x00-\\x7f]) [^\\x00]*"
+_LITERALS = ("True", "False", "None", "Null")
 _TOKEN_DATA = np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True)
 
 
@@ -286,6 +292,19 @@ class Decoder:
                 return written
         return written if written in options else None
 
+    def preference(self, options: Sequence[str], other: str) -> float:
+        """How much more likely the model starts one of `options` than `other` here: the log-probability of the
+        best option's first token minus that of `other`'s first token."""
+        if self._pending:
+            self.llama.eval(self._pending)
+            self._pending = []
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llama.ctx, -1), shape=(self._n_vocab,))
+
+        def first(text: str) -> int:
+            return int(self.llama.tokenize(text.encode(), add_bos=False, special=True)[0])
+
+        return float(max(logits[first(option)] for option in options) - logits[first(other)])
+
     def json_arguments(self, gbnf: str, copy: CopyBias | None = None) -> bool:
         """Argument JSON under `gbnf`, up to the moment it is a complete value; False if it was cut short.
         With `copy`, tokens that copy a value from the conversation are favoured (see `CopyBias`)."""
@@ -309,16 +328,21 @@ class Decoder:
                 return True
         return _is_json(written)
 
-    def free_text(self, triggers: Sequence[str], stops: Sequence[str], prose: bool = False) -> str | None:
+    def free_text(
+        self, triggers: Sequence[str], stops: Sequence[str], prose: bool = False, after_result: bool = False
+    ) -> str | None:
         """Unconstrained text up to the end of the turn (None) or a trigger, which is returned once written.
-        With `prose` the first token must start like prose and a repeated line ends the text."""
-        self.sampler.use_grammar(_PROSE_START if prose else None)
-        ban = self._not_prose() if prose else None
+        With `prose` the first token may not echo the protocol (and, `after_result`, must open a sentence) and a
+        repeated line ends the text."""
+        sentence = prose and after_result
+        self.sampler.use_grammar(_SENTENCE_START if sentence else None)
+        ban = self._not_prose((*_NOT_PROSE, *(_LITERALS if sentence else ()))) if prose else None
         scan = _TextScan(triggers, stops, no_loops=prose)
         while (token := self._next(ban)) is not None and not self._is_end(token):
-            if ban is not None:
+            if sentence:
                 self.sampler.use_grammar(None)
-                ban = None
+                sentence = False
+            ban = None
             start = len(scan.text)
             scan.add(self._take(token))
             found = scan.find()
@@ -335,9 +359,8 @@ class Decoder:
         self._emit(scan.text[scan.released :])
         return None
 
-    def _not_prose(self) -> np.ndarray:
-        words = [variant for word in _NOT_PROSE for variant in (word, word.lower(), word.upper())]
-        words += [f" {word}" for word in words]
+    def _not_prose(self, banned: Sequence[str]) -> np.ndarray:
+        words = [*banned, *(f" {word}" for word in banned)]
         ids = {t[0] for w in words if len(t := self.llama.tokenize(w.encode(), add_bos=False, special=False)) == 1}
         return np.array(sorted(ids), dtype=np.intc)
 
@@ -554,7 +577,14 @@ class TurnPlan:
     max_length: int
     review: Review
     prose: bool = False  # steer text segments (see `Decoder.free_text`); for small models that misread the format
+    after_result: bool = False  # the conversation ends with a tool result (see `Decoder.free_text`)
     calls_first: bool = False  # where text or a call may come first, try the best call first (the review decides)
+    candidates: frozenset[str] | None = None  # with calls_first: the tools that call may be to (None: any)
+    # with calls_first and no candidate: how much more likely (log-probability of the first token) the model must
+    # find a call than text for a call to any tool to be tried; None: text then
+    strong_call: float | None = None
+    # given a call just made (name, arguments), the arguments of a further call of the same tool, or None
+    further: Callable[[str, str], str | None] | None = None
     copy_source: str = ""  # the conversation's text, for `CopyBias`
     copy_bias: float = 0.0
     copy_examples: str = ""  # the tool descriptions, for `CopyBias`
@@ -588,7 +618,7 @@ def run_turn(decoder: Decoder, plan: TurnPlan) -> None:
     while openers:
         mark = decoder.mark()
         decoder.hold()
-        target = _open(decoder, _calls_first(openers) if first else openers, may_stop)
+        target = _open(decoder, _first_openers(decoder, plan, openers) if first else openers, may_stop)
         first = False
         if target is _STOP:
             decoder.release()
@@ -598,9 +628,10 @@ def run_turn(decoder: Decoder, plan: TurnPlan) -> None:
             if outcome is _STOP:
                 return
             if outcome is not _REJECTED:
-                calls += 1
-                if plan.max_calls is not None and calls >= plan.max_calls:
-                    return
+                made = _further_calls(decoder, plan, target, outcome, calls + 1)
+                if made > calls + 1 or (plan.max_calls is not None and made >= plan.max_calls):
+                    return  # the limit, or a list the further calls have covered: the turn is complete
+                calls = made
                 openers, may_stop = grammar.openers(), calls >= grammar.min_calls
                 continue
             decoder.discard()
@@ -608,7 +639,8 @@ def run_turn(decoder: Decoder, plan: TurnPlan) -> None:
             decoder.force(_text_opener(openers) or "")
             target = None
         decoder.release()
-        marker = decoder.free_text(plan.triggers, plan.stops, plan.prose and target is None)  # text or raw code
+        prose = plan.prose and target is None
+        marker = decoder.free_text(plan.triggers, plan.stops, prose, plan.after_result)  # text or raw code
         calls += target is not None
         if marker is None or (plan.max_calls is not None and calls >= plan.max_calls):
             return
@@ -619,6 +651,20 @@ _STOP: Any = object()
 _REJECTED: Any = object()
 
 
+def _further_calls(decoder: Decoder, plan: TurnPlan, spec: CallSpec, arguments: str, calls: int) -> int:
+    """Steering: after a call, the further calls of the same tool that `plan.further` derives (the other values
+    the user listed), written as the model would write them. Returns the number of calls made so far."""
+    openers = plan.grammar.openers().items()
+    opener = next((o for o, target in openers if target is not None and target.name == spec.name), None)
+    while plan.further is not None and opener is not None and (plan.max_calls is None or calls < plan.max_calls):
+        following = plan.further(spec.name, arguments)
+        if following is None:
+            break
+        decoder.force(opener + following + spec.end)
+        arguments, calls = following, calls + 1
+    return calls
+
+
 def _open(decoder: Decoder, openers: Mapping[str, CallSpec | None], may_stop: bool) -> Any:
     """The segment the model opens next (a CallSpec, or None for text), or _STOP."""
     if "" in openers:
@@ -627,10 +673,32 @@ def _open(decoder: Decoder, openers: Mapping[str, CallSpec | None], may_stop: bo
     return _STOP if chosen is None else openers[chosen]
 
 
-def _calls_first(openers: Mapping[str, CallSpec | None]) -> Mapping[str, CallSpec | None]:
-    """The JSON calls among `openers`, when text is among them too (the review falls back to text)."""
+def _first_openers(decoder: Decoder, plan: TurnPlan, openers: Mapping[str, CallSpec | None]) -> Any:
+    """Calls first: to the candidate tools, or to any tool when none is a candidate but the model strongly prefers
+    a call to text at this point."""
+    candidates, text = plan.candidates, _text_opener(openers)
+    if candidates is None or plan.strong_call is None or text is None:
+        return _calls_first(openers, candidates)
+    calls = [opener for opener, target in openers.items() if target is not None and target.parameters is not None]
+    named = any(target is not None and target.name in candidates for target in openers.values())
+    if calls and not named and decoder.preference(calls, text) >= plan.strong_call:
+        candidates = None
+    return _calls_first(openers, candidates)
+
+
+def _calls_first(
+    openers: Mapping[str, CallSpec | None], candidates: frozenset[str] | None
+) -> Mapping[str, CallSpec | None]:
+    """Where text is among `openers`: the JSON calls to the candidate tools (the review falls back to text), or
+    text alone when no candidate is there."""
+    text = _text_opener(openers)
+    if text is None:
+        return openers
     json_calls = {k: v for k, v in openers.items() if v is not None and v.parameters is not None}
-    return json_calls if json_calls and _text_opener(openers) is not None else openers
+    chosen = {k: v for k, v in json_calls.items() if candidates is None or (v is not None and v.name in candidates)}
+    if chosen:
+        return chosen
+    return {text: None} if json_calls and candidates is not None else openers
 
 
 def _text_opener(openers: Mapping[str, CallSpec | None]) -> str | None:
@@ -638,7 +706,7 @@ def _text_opener(openers: Mapping[str, CallSpec | None]) -> str | None:
 
 
 def _json_call(decoder: Decoder, plan: TurnPlan, spec: CallSpec, text_opener: str | None) -> Any:
-    """Decode one call's arguments and let the review keep, tidy or reject them."""
+    """Decode one call's arguments and let the review keep, tidy or reject them; returns the arguments kept."""
     start = decoder.held_size()
     copy = CopyBias(decoder.llama, plan.copy_source, plan.copy_bias, plan.copy_examples) if plan.copy_bias else None
     if not decoder.json_arguments(plan.arguments_grammar(spec), copy):
@@ -650,7 +718,7 @@ def _json_call(decoder: Decoder, plan: TurnPlan, spec: CallSpec, text_opener: st
     decoder.release(start, arguments)
     if spec.end:
         decoder.force(spec.end)
-    return spec
+    return arguments
 
 
 def prefill(llama: Any, tokens: Sequence[int]) -> tuple[list[int], int]:

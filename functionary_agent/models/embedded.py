@@ -28,7 +28,14 @@ from typing import Any
 
 from functionary_agent.errors import ConfigurationError, FormatError, ModelError
 from functionary_agent.formats import Format, detect_format, get_format
-from functionary_agent.models._grounding import Review, descriptions, evidence_text
+from functionary_agent.models._grounding import (
+    FurtherCalls,
+    Relevance,
+    Review,
+    descriptions,
+    evidence_text,
+    request_text,
+)
 from functionary_agent.models.base import (
     AssistantMessage,
     ChatModel,
@@ -55,6 +62,9 @@ _TURN_KEYS = frozenset(
 # Formats for small models that never saw the protocol in training: their decoding is steered by default.
 _SMALL_MODEL_FORMATS = frozenset({"chatml-v3"})
 _COPY_BIAS = 2.0  # logits added to tokens that copy a value from the conversation (steered decoding)
+# A request that names no tool's purpose still gets a call tried when the model prefers a call to text by this much
+# (log-probability of the first token), measured on benchmarks/embedded_decisions.py's own prompts
+_STRONG_CALL = 2.0
 # Special tokens that tell formats apart when a GGUF's chat template does not (Functionary v2's markers).
 _FORMAT_TOKENS = ("<|from|>", "<|recipient|>", "<|content|>", "<|stop|>", "<|python_tag|>", "<|eom_id|>")
 _PARK_MIN_TOKENS = 32  # a context tail shorter than this is not worth parking in the RAM cache
@@ -353,7 +363,11 @@ def _plan(fmt: Format, request: _Request) -> tuple[Any, Any, int]:
         max_length=int(settings.get("max_length", DEFAULT_MAX_LENGTH)),
         review=Review(request.messages, max_items) if steer else _as_written,
         prose=steer,
+        after_result=bool(request.messages) and request.messages[-1].get("role") == "tool",
         calls_first=steer,
+        candidates=Relevance(request.tools, request_text(request.messages)).served() if steer else None,
+        strong_call=_STRONG_CALL,
+        further=FurtherCalls(request_text(request.messages)) if steer else None,
         copy_source=evidence_text(request.messages),
         copy_bias=float(settings.get("copy_bias", _COPY_BIAS if steer else 0.0)),
         copy_examples=descriptions(request.tools),
