@@ -20,10 +20,12 @@ import pytest
 pytest.importorskip("mcp")
 
 from functionary_agent import ConfigurationError, Conversation, _sync
-from functionary_agent.integrations.mcp import MCPConnection, content_to_text
+from functionary_agent.integrations._http_guard import RequestRefused
+from functionary_agent.integrations.mcp import MCPConnection, _guarded, content_to_text
 from functionary_agent.testing import ScriptedModel, call
 from functionary_agent.tools import Tool
 from tests.processes import process_gone
+from tests.servers.recording_http import recording_server, redirect
 
 SERVER = Path(__file__).parent / "servers" / "mcp_echo_server.py"
 COMMAND = [sys.executable, str(SERVER)]
@@ -245,6 +247,40 @@ def test_http_server_refusing_the_request_is_a_configuration_error(http_url: str
 def test_unreachable_http_server_is_a_configuration_error() -> None:
     with pytest.raises(ConfigurationError, match="ConnectError"):
         asyncio.run(MCPConnection.open(url="http://127.0.0.1:9/mcp", timeout=10))
+
+
+def test_http_headers_do_not_follow_a_redirect_to_another_origin() -> None:
+    with (
+        recording_server() as other,
+        recording_server(lambda _: redirect(f"{other.url}/mcp", 307)) as redirector,
+        pytest.raises(ConfigurationError, match=r"could not start MCP server http://127\.0\.0\.1:\d+/mcp") as caught,
+    ):
+        asyncio.run(MCPConnection.open(url=f"{redirector.url}/mcp", headers={"X-Test-Token": TOKEN}, timeout=10))
+    assert "not followed" in str(caught.value) or "refused before it was sent" in str(caught.value)  # SDK, or ours
+    assert set(redirector.header_values("x-test-token")) == {TOKEN}
+    assert other.requests == []  # neither the token nor the session's messages went there
+
+
+def test_the_connections_client_refuses_other_origins_even_when_it_follows_redirects() -> None:
+    """SDKs before 1.24 made clients that follow every redirect; the guard stops each hop before it is sent."""
+    from mcp.shared._httpx_utils import create_mcp_http_client
+
+    def answer(request: Any) -> Any:
+        if request.path == "/mcp":
+            return 200, {"Content-Type": "application/json"}, b"{}"
+        return redirect("/mcp", 307) if request.path == "/old" else redirect(f"{other.url}/mcp", 307)
+
+    async def post(path: str) -> int:
+        client = _guarded(create_mcp_http_client(headers={"X-Test-Token": TOKEN}), f"{redirector.url}/mcp")
+        async with client:
+            return (await client.post(f"{redirector.url}{path}", json={}, follow_redirects=True)).status_code
+
+    with recording_server() as other, recording_server(answer) as redirector:
+        with pytest.raises(RequestRefused, match=f"only {redirector.url} receives"):
+            asyncio.run(post("/elsewhere"))
+        assert asyncio.run(post("/old")) == 200  # within the origin: followed
+    assert other.requests == []
+    assert [r.path for r in redirector.requests] == ["/elsewhere", "/old", "/mcp"]
 
 
 # -- result text ---------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, TextIO, TypeVar
 
 from functionary_agent.errors import ConfigurationError
+from functionary_agent.integrations._http_guard import Origin, RequestGuard
 from functionary_agent.tools import TOOL_NAME_PATTERN, Tool
 
 try:
@@ -93,6 +94,9 @@ class MCPConnection:
         `prefix` goes before every tool name, to keep two servers' tools apart. `timeout` bounds the start-up
         handshake; `call_timeout` bounds each call. Raises `ConfigurationError` when the server cannot be
         started, reached or initialised.
+
+        `headers` go to `url`'s origin (scheme, host and port) and nowhere else: every request for another
+        origin, a redirect hop included, is refused before it is sent, and the call fails with that message.
         """
         if (command is None) == (url is None):
             raise ConfigurationError("MCPConnection.open needs exactly one of command=[...] (stdio) or url=... (HTTP)")
@@ -293,22 +297,37 @@ def _devnull() -> TextIO:
 def _http_transport(
     url: str, headers: Mapping[str, str] | None
 ) -> Callable[[], contextlib.AbstractAsyncContextManager[Streams]]:
-    """Streamable HTTP across SDK versions: 2.x (and late 1.x) take an HTTP client, early 1.x take headers."""
+    """Streamable HTTP across SDK versions: 2.x (and late 1.x) take an HTTP client, early 1.x a client factory.
+    Either way the client is guarded: its requests go to `url`'s origin only (see `_guarded`)."""
     from mcp.client import streamable_http
+    from mcp.shared._httpx_utils import create_mcp_http_client
+
+    def make_client(headers: dict[str, str] | None = None, timeout: Any = None, auth: Any = None) -> Any:
+        return _guarded(create_mcp_http_client(headers=headers, timeout=timeout, auth=auth), url)
 
     modern = getattr(streamable_http, "streamable_http_client", None)
     if modern is None:  # mcp < 1.24
         legacy = getattr(streamable_http, "streamablehttp_client")  # noqa: B009 - absent from the 2.x stubs
-        return lambda: legacy(url, headers=dict(headers) if headers else None)
-    from mcp.shared._httpx_utils import create_mcp_http_client
+        return lambda: legacy(url, headers=dict(headers) if headers else None, httpx_client_factory=make_client)
 
     @contextlib.asynccontextmanager
     async def connect() -> Any:
-        client = create_mcp_http_client(headers=dict(headers) if headers else None)
+        client = make_client(headers=dict(headers) if headers else None)
         async with client, modern(url, http_client=client) as streams:
             yield streams
 
     return connect
+
+
+def _guarded(client: Any, url: str) -> Any:
+    """`client` with a request hook that refuses, before it is sent, any request for another origin than `url`'s:
+    the headers given for this server (and the session's messages) never follow a redirect elsewhere, whatever
+    the SDK version's own redirect rules. The hook runs for every request and every redirect hop."""
+    home = Origin.of(client.build_request("GET", url).url)  # parsed by the client's own URL class; nothing is sent
+    hooks = {name: list(value) for name, value in client.event_hooks.items()}
+    hooks["request"] = [*hooks.get("request", []), RequestGuard({home}, only_home=True, allow_link_local=True)]
+    client.event_hooks = hooks
+    return client
 
 
 # -- helpers -------------------------------------------------------------------------------------------------
