@@ -6,7 +6,9 @@ from typing import TYPE_CHECKING, Any
 
 from functionary_agent.conversation import Conversation
 from functionary_agent.errors import (
+    CloseError,
     ConfigurationError,
+    ConversationBusyError,
     FunctionaryAgentError,
     MaxTurnsExceeded,
     ModelError,
@@ -22,8 +24,10 @@ if TYPE_CHECKING:
 __all__ = [
     "AssistantMessage",
     "ChatModel",
+    "CloseError",
     "ConfigurationError",
     "Conversation",
+    "ConversationBusyError",
     "EmbeddedModel",
     "FunctionaryAgentError",
     "MaxTurnsExceeded",

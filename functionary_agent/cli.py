@@ -2,7 +2,8 @@
 (vLLM's server with our plugin, see `functionary_agent.server.cli`).
 
 Exit status: 0 with an answer, 2 for a usage error (bad flags, a tools file that cannot be loaded), 1 when the
-model or its server fails. Errors are one line on stderr, never a traceback.
+model or its server fails, or anything else goes wrong. Errors are one line on stderr, never a traceback, unless
+`--debug` asks for one.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 from functionary_agent._display import Reporter
@@ -29,15 +31,19 @@ class _UsageError(Exception):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    debug = bool(getattr(args, "debug", False))  # `serve` has no --debug
     try:
         return int(args.handler(args))
     except _UsageError as exc:
-        return _fail(str(exc), EXIT_USAGE)
+        return _fail(str(exc), EXIT_USAGE, debug=debug)
     except FunctionaryAgentError as exc:
-        return _fail(str(exc))
+        return _fail(str(exc), debug=debug)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, ours or a tool's: still one line, the traceback only on request
+        hint = "" if debug else " (run with --debug for the traceback)"
+        return _fail(f"{type(exc).__name__}: {exc}{hint}", debug=debug)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,6 +77,7 @@ def _add_conversation_options(parser: argparse.ArgumentParser) -> None:
                         "default: detected from the file")
     parser.add_argument("--system", help="system message")
     parser.add_argument("--max-turns", type=int, default=10, help="model turns per question (default: 10)")
+    parser.add_argument("--debug", action="store_true", help="on an error, print the full traceback too")
 
 
 def _conversation(args: argparse.Namespace) -> Conversation:
@@ -107,7 +114,10 @@ def _chat(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _fail(message: str, status: int = EXIT_FAILED) -> int:
+def _fail(message: str, status: int = EXIT_FAILED, *, debug: bool = False) -> int:
+    """One line on stderr (after the traceback of the error being handled, with --debug); the exit status."""
+    if debug:
+        traceback.print_exc(file=sys.stderr)
     print(f"functionary-agent: error: {message}", file=sys.stderr)
     return status
 

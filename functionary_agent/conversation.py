@@ -5,8 +5,8 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -15,7 +15,14 @@ import pydantic
 from functionary_agent import _sync
 from functionary_agent._calls import CANCELLED, call_key, run_calls, tool_message
 from functionary_agent._interpreter import PythonTool, is_code_interpreter
-from functionary_agent.errors import ConfigurationError, MaxTurnsExceeded, ModelError, ToolDefinitionError
+from functionary_agent.errors import (
+    CloseError,
+    ConfigurationError,
+    ConversationBusyError,
+    MaxTurnsExceeded,
+    ModelError,
+    ToolDefinitionError,
+)
 from functionary_agent.events import (
     Event,
     FinalAnswer,
@@ -25,7 +32,7 @@ from functionary_agent.events import (
     ToolResult,
 )
 from functionary_agent.models import embedded_model
-from functionary_agent.models.base import AssistantMessage, ChatModel, ToolCall, ToolChoice
+from functionary_agent.models.base import AssistantMessage, ChatModel, ToolCall, ToolChoice, stream_call_index
 from functionary_agent.tools import Tool
 
 if TYPE_CHECKING:
@@ -74,6 +81,7 @@ class Conversation:
         self.settings = settings
         self._tools: dict[str, Tool] = {}
         self._resources: list[Any] = []  # MCP sessions, OpenAPI clients: closed with the conversation
+        self._running = False  # one run at a time: two would interleave their messages
         tools = list(tools)
         if any(is_code_interpreter(item) for item in tools) and code_interpreter is False:
             code_interpreter = True  # tools=[{"type": "code_interpreter"}] asks for it the OpenAI way
@@ -180,35 +188,50 @@ class Conversation:
         return _sync.iterate(self.astream(content))
 
     async def _run(self, content: Content, *, stream: bool) -> AsyncIterator[Event]:
-        if content is not None:
-            self.messages.append({"role": "user", "content": content})
-        tool_choice = self.tool_choice
-        answered: dict[tuple[str, str], str] = {}  # the repeat guard: identical calls already answered
-        for _ in range(self.max_turns):
-            message = None
-            async with _closing(self._ask(tool_choice, stream)) as turn:
-                async for item in turn:
-                    if isinstance(item, AssistantMessage):
-                        message = item
-                    else:
-                        yield item
-            if message is None:
-                raise ModelError(f"{type(self.model).__name__} ended its stream without an assistant message")
-            self.messages.append(message.to_dict())
-            if not message.tool_calls:
-                yield FinalAnswer(message.content or "")
-                return
-            results: dict[int, ToolResult] = {}
-            running = run_calls(message.tool_calls, self._tools, answered, results, self.max_concurrency)
-            try:
-                async with _closing(running):
-                    async for result in running:
-                        yield result
-            finally:
-                self._record_results(message.tool_calls, results, answered)
-            repeats_only = all(result.repeated for result in results.values())
-            tool_choice = "none" if repeats_only else "auto"
-        raise MaxTurnsExceeded(self.max_turns)
+        with self._running_alone():
+            if content is not None:
+                self.messages.append({"role": "user", "content": content})
+            tool_choice = self.tool_choice
+            answered: dict[tuple[str, str], str] = {}  # the repeat guard: identical calls already answered
+            for _ in range(self.max_turns):
+                message = None
+                async with _closing(self._ask(tool_choice, stream)) as turn:
+                    async for item in turn:
+                        if isinstance(item, AssistantMessage):
+                            message = item
+                        else:
+                            yield item
+                if message is None:
+                    raise ModelError(f"{type(self.model).__name__} ended its stream without an assistant message")
+                self.messages.append(message.to_dict())
+                if not message.tool_calls:
+                    yield FinalAnswer(message.content or "")
+                    return
+                results: dict[int, ToolResult] = {}
+                running = run_calls(message.tool_calls, self._tools, answered, results, self.max_concurrency)
+                try:
+                    async with _closing(running):
+                        async for result in running:
+                            yield result
+                finally:
+                    self._record_results(message.tool_calls, results, answered)
+                repeats_only = all(result.repeated for result in results.values())
+                tool_choice = "none" if repeats_only else "auto"
+            raise MaxTurnsExceeded(self.max_turns)
+
+    @contextmanager
+    def _running_alone(self) -> Iterator[None]:
+        """Refuse a second run while one is under way (submit, stream or their async twins, from any task)."""
+        if self._running:
+            raise ConversationBusyError(
+                "this conversation is already running a submit or stream; wait for it to finish (or close its "
+                "stream) before starting another, or use one Conversation per concurrent task"
+            )
+        self._running = True
+        try:
+            yield
+        finally:
+            self._running = False
 
     async def _ask(self, tool_choice: ToolChoice, stream: bool) -> AsyncIterator[Event | AssistantMessage]:
         """One model turn; in stream mode its deltas become events, and the message comes last."""
@@ -240,16 +263,17 @@ class Conversation:
 
     # -- lifetime ----------------------------------------------------------------------------------------
     async def aclose(self) -> None:
-        """Release what this conversation started (its code sandbox, a model client it created); a model or
-        sandbox passed in stays open."""
-        for tool in self._tools.values():
-            if isinstance(tool, PythonTool):
-                await tool.aclose()
+        """Release what this conversation started (its code sandbox, MCP sessions and OpenAPI clients, a model
+        client it created); a model or sandbox passed in stays open. Every one is closed even when some fail:
+        one failure is raised as it is, several as a `CloseError` holding them all."""
+        closers: list[Callable[[], Awaitable[object]]] = [
+            tool.aclose for tool in self._tools.values() if isinstance(tool, PythonTool)
+        ]
         resources, self._resources = self._resources, []
-        for resource in resources:
-            await resource.aclose()
+        closers += [resource.aclose for resource in resources]
         if self._owns_model:
-            await self.model.aclose()
+            closers.append(self.model.aclose)
+        await _close_all(closers)
 
     def close(self) -> None:
         _sync.run(self.aclose())
@@ -314,11 +338,29 @@ async def _closing(iterator: AsyncIterator[T]) -> AsyncIterator[AsyncIterator[T]
             await aclose()
 
 
+async def _close_all(closers: Sequence[Callable[[], Awaitable[object]]]) -> None:
+    """Call every closer, then raise: the one failure as it is, or a `CloseError` listing several."""
+    failures: list[Exception] = []
+    for close in closers:
+        try:
+            await close()
+        except Exception as exc:  # close the rest first; cancellation still stops at once
+            failures.append(exc)
+    if len(failures) == 1:
+        raise failures[0]
+    if failures:
+        raise CloseError(failures) from failures[0]
+
+
 def _delta_events(delta: Mapping[str, Any], call_ids: dict[int, str]) -> Iterator[Event]:
+    """A model's delta -> events; `call_ids` maps each call index seen so far to its id. A delta without
+    `index` (some servers omit it) is placed the way the OpenAI-compatible engine places it."""
     if delta.get("content"):
         yield TextDelta(delta["content"])
     for part in delta.get("tool_calls") or ():
-        index = part["index"]
+        index = part.get("index")
+        if index is None:
+            index = stream_call_index(call_ids, part.get("id") or None)
         function = part.get("function") or {}
         if index not in call_ids:
             call_ids[index] = part.get("id") or ""

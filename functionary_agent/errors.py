@@ -7,6 +7,8 @@ cannot recover from.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class FunctionaryAgentError(Exception):
     """Root of every error this package raises on purpose."""
@@ -37,3 +39,18 @@ class MaxTurnsExceeded(FunctionaryAgentError):
 
 class FormatError(FunctionaryAgentError, ValueError):
     """An unknown prompt format name, or a chat template no format matches."""
+
+
+class ConversationBusyError(FunctionaryAgentError, RuntimeError):
+    """A submit or stream was started while another run of the same conversation was still under way; two
+    runs would interleave their messages. Wait for the first, or give each concurrent task its own conversation."""
+
+
+class CloseError(FunctionaryAgentError):
+    """Several resources failed to close; every one was still attempted. `errors` holds each failure in order
+    (a single failure is raised as it is)."""
+
+    def __init__(self, errors: Sequence[Exception]) -> None:
+        details = "; ".join(f"{type(error).__name__}: {error}" for error in errors)
+        super().__init__(f"{len(errors)} resources failed to close (all were attempted): {details}")
+        self.errors = list(errors)

@@ -11,15 +11,17 @@ import asyncio
 import contextvars
 import functools
 import inspect
+import itertools
 import json
 import logging
 import re
+import threading
 import time
 import typing
+import weakref
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Annotated, Any, overload
+from typing import Annotated, Any, TypeVar, overload
 
 import docstring_parser
 import pydantic
@@ -33,6 +35,9 @@ logger = logging.getLogger(__name__)
 
 TOOL_NAME_PATTERN = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _REPR_LIMIT = 80
+# Sync calls running at once per event loop; a call abandoned after its timeout no longer counts.
+MAX_LIVE_TOOL_THREADS = 64
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -177,9 +182,8 @@ class Tool:
         if inspect.iscoroutinefunction(self.handler):
             result = await self._within_timeout(self.handler(*args, **kwargs))
         else:
-            loop = asyncio.get_running_loop()
             call = functools.partial(contextvars.copy_context().run, self.handler, *args, **kwargs)
-            result = await self._within_timeout(loop.run_in_executor(_tool_threads(), call))
+            result = await self._within_timeout(_in_daemon_thread(call, self.name))
         if inspect.isawaitable(result):  # async callable objects, partials and lambdas around coroutines
             result = await self._within_timeout(result)
         return result
@@ -375,8 +379,64 @@ def _qualname(fn: object) -> str:
     return getattr(fn, "__qualname__", None) or repr(fn)
 
 
-@functools.cache
-def _tool_threads() -> ThreadPoolExecutor:
-    """Sync tools run here, never on the event loop; wide enough that a turn's calls never queue behind
-    each other (asyncio's default pool has only cpu_count + 4 workers)."""
-    return ThreadPoolExecutor(max_workers=64, thread_name_prefix="functionary-tool")
+# -- sync tools run in daemon threads ---------------------------------------------------------------------
+# Not a ThreadPoolExecutor: the interpreter joins its workers at exit, so one stuck tool would keep the process
+# alive after its answer, and 64 stuck tools would starve every later call. A stuck thread cannot be stopped; a
+# daemon thread can at least be left behind: it finishes unobserved, its result is dropped, and it dies with the
+# process.
+_thread_numbers = itertools.count(1)
+_slots_lock = threading.Lock()
+_slots_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = weakref.WeakKeyDictionary()
+
+
+async def _in_daemon_thread(work: Callable[[], T], tool_name: str) -> T:
+    """Run `work` in a new daemon thread without blocking the loop. If the caller stops waiting (a timeout, a
+    cancelled run) the thread is abandoned: it frees its slot at once and its result is dropped."""
+    loop = asyncio.get_running_loop()
+    async with _live_thread_slots(loop):
+        future: asyncio.Future[T] = loop.create_future()
+        name = f"functionary-tool-{next(_thread_numbers)}"
+        thread = threading.Thread(target=_work_and_report, args=(work, loop, future), name=name, daemon=True)
+        thread.start()
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if thread.is_alive():
+                logger.warning("tool %s is abandoned, still running in thread %s (Python cannot stop a thread); "
+                               "its result will be dropped", tool_name, name)
+            raise
+
+
+def _live_thread_slots(loop: asyncio.AbstractEventLoop) -> asyncio.Semaphore:
+    """The bound on sync calls that someone still waits for, one per event loop (asyncio primitives belong
+    to one loop)."""
+    with _slots_lock:
+        slots = _slots_by_loop.get(loop)
+        if slots is None:
+            slots = _slots_by_loop[loop] = asyncio.Semaphore(MAX_LIVE_TOOL_THREADS)
+        return slots
+
+
+def _work_and_report(work: Callable[[], T], loop: asyncio.AbstractEventLoop, future: asyncio.Future[T]) -> None:
+    """The thread's body: run the tool, then hand its result or exception to the loop."""
+    result: T | None = None
+    error: BaseException | None = None
+    try:
+        result = work()
+    except BaseException as exc:  # delivered to the awaiting task, which turns it into a message
+        error = exc
+    try:
+        loop.call_soon_threadsafe(_settle, future, result, error)
+    except RuntimeError:  # the loop is closed: nobody waits for this result any more
+        logger.debug("a tool thread finished after its event loop closed; result dropped")
+
+
+def _settle(future: asyncio.Future[T], result: T | None, error: BaseException | None) -> None:
+    if future.done():  # abandoned after a timeout or a cancellation: the result is dropped
+        return
+    if error is None:
+        future.set_result(typing.cast(T, result))
+    elif isinstance(error, StopIteration):  # a future refuses StopIteration (it would end a generator)
+        future.set_exception(RuntimeError(f"StopIteration: {error}"))
+    else:
+        future.set_exception(error)

@@ -14,8 +14,11 @@ from typing import Any
 
 import pytest
 
+from functionary_agent import cli as cli_module
 from functionary_agent._loading import load_tools
+from functionary_agent.conversation import Conversation
 from functionary_agent.errors import ConfigurationError, ToolDefinitionError
+from functionary_agent.testing import ScriptedModel, ScriptedRequest
 from tests.openai_server import ScriptedServer, function_call, reply
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,3 +181,32 @@ def test_a_slow_tool_shows_a_spinner_on_a_terminal_and_nothing_in_a_pipe(tmp_pat
     assert "slow_lookup…" in screen  # "calling slow_lookup…" or "waiting for slow_lookup…" while it sleeps
     assert "Found it." in screen
     assert piped.returncode == 0 and piped.stdout == 'slow_lookup({"key": "abc"})\n  -> ABC\nFound it.\n'
+
+
+def test_an_unexpected_error_is_one_line_and_debug_adds_the_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def explode(request: ScriptedRequest) -> str:
+        raise RuntimeError("the model exploded")
+
+    monkeypatch.setattr(cli_module, "_conversation", lambda args: Conversation(ScriptedModel(explode)))
+    assert cli_module.main(["run", "hi"]) == 1
+    assert capsys.readouterr().err == (
+        "functionary-agent: error: RuntimeError: the model exploded (run with --debug for the traceback)\n"
+    )
+    assert cli_module.main(["run", "hi", "--debug"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):")
+    assert 'raise RuntimeError("the model exploded")' in err
+    assert err.endswith("\nfunctionary-agent: error: RuntimeError: the model exploded\n")
+
+
+def test_a_tools_module_failing_with_a_foreign_error_prints_no_traceback(tmp_path: Path) -> None:
+    (tmp_path / "exploding_tools.py").write_text("raise LookupError('no such table')\n")
+    done = cli("run", "hi", "--tools", "exploding_tools", env={"PYTHONPATH": str(tmp_path)})
+    assert done.returncode == 1
+    assert done.stderr.splitlines()[-1].startswith("functionary-agent: error: LookupError: no such table")
+    assert "Traceback" not in done.stderr
+    debug = cli("run", "hi", "--tools", "exploding_tools", "--debug", env={"PYTHONPATH": str(tmp_path)})
+    assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
+    assert debug.stderr.endswith("functionary-agent: error: LookupError: no such table\n")

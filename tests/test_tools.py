@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import datetime
 import enum
@@ -396,3 +397,25 @@ def test_async_callable_object_and_partial_are_awaited() -> None:
     hello = Tool.from_function(functools.partial(greet, "hello"), name="hello")
     assert list(props(hello)) == ["name"]
     assert run(hello, {"name": "Ada"}).content == "hello, Ada"
+
+
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("REQUEST_ID", default="unset")
+
+
+def test_sync_tools_see_the_callers_context_variables() -> None:
+    def which_request() -> str:
+        return REQUEST_ID.get()
+
+    async def caller() -> str:
+        REQUEST_ID.set("req-42")
+        return (await Tool.from_function(which_request).run({})).content
+
+    assert asyncio.run(caller()) == "req-42"
+
+
+def test_a_sync_tool_raising_stop_iteration_is_reported_not_lost() -> None:
+    def drained() -> str:
+        raise StopIteration("nothing left")
+
+    outcome = run(Tool.from_function(drained, timeout=2), {})
+    assert outcome.is_error and outcome.content == "Error: drained raised RuntimeError: StopIteration: nothing left"

@@ -81,6 +81,15 @@ class AssistantMessage:
 StreamItem = Delta | AssistantMessage
 
 
+def stream_call_index(open_calls: Mapping[int, str | None], call_id: str | None) -> int:
+    """Where a streamed tool-call delta without `index` belongs (some servers omit it), given the ids of the
+    calls opened so far by index: a known id continues its call, a new id opens one, no id continues the last."""
+    for index, known_id in open_calls.items():
+        if call_id is not None and known_id == call_id:
+            return index
+    return len(open_calls) if call_id is not None or not open_calls else max(open_calls)
+
+
 class DeltaAccumulator:
     """Clean deltas -> the finished message; the one place streams are assembled."""
 
@@ -92,10 +101,13 @@ class DeltaAccumulator:
         if delta.get("content"):
             self._text.append(delta["content"])
         for part in delta.get("tool_calls") or ():
-            call = self._calls.get(part["index"])
+            index = part.get("index")
+            if index is None:
+                index = stream_call_index({i: c.id for i, c in self._calls.items()}, part.get("id") or None)
+            call = self._calls.get(index)
             function = part.get("function") or {}
             if call is None:
-                call = self._calls[part["index"]] = ToolCall(part.get("id") or new_call_id(), function.get("name", ""))
+                call = self._calls[index] = ToolCall(part.get("id") or new_call_id(), function.get("name", ""))
             call.arguments += function.get("arguments") or ""
 
     def message(self, finish_reason: str | None = None) -> AssistantMessage:

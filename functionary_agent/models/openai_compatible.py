@@ -35,6 +35,7 @@ from functionary_agent.models.base import (
     ToolChoice,
     arguments_text,
     new_call_id,
+    stream_call_index,
 )
 
 logger = logging.getLogger(__name__)
@@ -313,11 +314,7 @@ class _StreamNormaliser:
         return out
 
     def _index_without_one(self, call_id: str | None) -> int:
-        """Some servers omit `index`: a known id continues its call, a new id opens one, no id continues."""
-        for index, state in self.calls.items():
-            if call_id is not None and state.id == call_id:
-                return index
-        return len(self.calls) if call_id is not None or not self.calls else max(self.calls)
+        return stream_call_index({index: state.id for index, state in self.calls.items()}, call_id)
 
     def _announce(self, index: int) -> list[Delta]:
         state = self.calls[index]
