@@ -216,8 +216,9 @@ def _probe_containment(mode: str) -> str:
 def _run_probe(runtime: Path) -> str:
     command = [sys.executable, "-S", str(_HERE / "launcher.py"), str(runtime / "launch.json")]
     try:
-        done = subprocess.run(
-            [*command, str(runtime / "kernel" / "probe.json")], capture_output=True, text=True, timeout=30
+        done = subprocess.run(  # a clean environment: inside a Jupyter kernel ours names *its* parent's pid
+            [*command, str(runtime / "kernel" / "probe.json")], capture_output=True, text=True, timeout=30,
+            env=_probe_env(),
         )
     except (OSError, subprocess.SubprocessError) as exc:
         return f"the launcher could not run: {exc}"

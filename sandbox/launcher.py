@@ -110,7 +110,7 @@ def _die_with_parent(parent: int | None) -> None:
     """SIGKILL when our parent goes; checked once after, in case it went before the request took effect."""
     _check(_libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PDEATHSIG)")
     if parent is not None and os.getppid() != parent:
-        os._exit(_LAUNCH_FAILED)
+        raise LaunchError(f"the process that started the sandbox ({parent}) is gone")
 
 
 def _enter_namespaces(config: dict[str, Any]) -> None:

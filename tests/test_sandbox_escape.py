@@ -230,3 +230,11 @@ def test_a_normal_user_gets_the_same_containment_through_a_user_namespace() -> N
     assert lines[0] == "userns 4242", done.stdout
     assert lines[1] == "4242 /mnt/data [1, 2]" and lines[2] in ("refused 13", "refused 30"), done.stdout
     assert lines[3:] == ["no network 111", "3"], done.stdout
+
+
+def test_the_containment_probe_works_inside_a_jupyter_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A notebook's kernel has JPY_PARENT_PID naming *its* parent; the probe must not take it for ours."""
+    from sandbox.isolation import _probe_containment, host_support
+
+    monkeypatch.setenv("JPY_PARENT_PID", "1")
+    assert _probe_containment(host_support().mode or "root") == ""
