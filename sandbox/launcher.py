@@ -50,22 +50,17 @@ _SIGNALLED = 128  # pid 1 reports a kernel killed by signal N as exit status 128
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-class LaunchError(Exception):
-    """One step of the launch failed; the message names the step."""
-
-
-def _check(result: int, step: str) -> None:
-    if result != 0:
-        err = ctypes.get_errno()
-        raise LaunchError(f"{step}: {os.strerror(err)} (errno {err})")
-
-
 def _load_rootfs() -> Any:
     spec = importlib.util.spec_from_file_location("_sandbox_rootfs", Path(__file__).resolve().parent / "rootfs.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+_rootfs = _load_rootfs()  # also the home of `check` and `SetupError`, which every step here uses
+_check = _rootfs.check
+LaunchError = _rootfs.SetupError
 
 
 def _join_cgroup(path: str | None) -> None:
@@ -163,7 +158,7 @@ def _exec_kernel(config: dict[str, Any], connection_file: str, parent: int | Non
 def _init(config: dict[str, Any], connection_file: str) -> None:
     """Pid 1 of the sandbox: build its world, become the sandbox user, run the kernel, reap until it exits."""
     _die_with_parent(None)
-    _load_rootfs().build_root(config["new_root"], config)
+    _rootfs.build_root(config["new_root"], config)
     if not config["network"]:
         _loopback_up()
     os.chdir("/mnt/data")

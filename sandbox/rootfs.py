@@ -36,21 +36,22 @@ _NEVER_BOUND = ("/", "/tmp", "/proc", "/sys", "/dev")  # provided fresh, or not 
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-class RootfsError(Exception):
-    """One step of building the kernel's root failed; the message names the step."""
+class SetupError(Exception):
+    """One step of setting up the kernel's process (namespaces, mounts, privileges) failed; the message names it."""
 
 
-def _check(result: int, step: str) -> None:
+def check(result: int, step: str) -> None:
+    """Raise SetupError with the C library's errno when a libc call returned non-zero."""
     if result != 0:
         err = ctypes.get_errno()
-        raise RootfsError(f"{step}: {os.strerror(err)} (errno {err})")
+        raise SetupError(f"{step}: {os.strerror(err)} (errno {err})")
 
 
 def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
     def encode(value: str | None) -> bytes | None:
         return value.encode() if value is not None else None
 
-    _check(_libc.mount(encode(source), target.encode(), encode(fstype), flags, encode(data)), f"mount {target}")
+    check(_libc.mount(encode(source), target.encode(), encode(fstype), flags, encode(data)), f"mount {target}")
 
 
 def build_root(new_root: str, config: dict[str, object]) -> None:
@@ -159,8 +160,8 @@ def _pivot(new_root: str) -> None:
     """Make `new_root` the root and detach the old one, so no path leads back to the host's tree."""
     number = _PIVOT_ROOT.get(platform.machine())
     if number is None:
-        raise RootfsError(f"pivot_root: no syscall number known for {platform.machine()}")
+        raise SetupError(f"pivot_root: no syscall number known for {platform.machine()}")
     os.chdir(new_root)
-    _check(_libc.syscall(number, b".", b"."), "pivot_root")
-    _check(_libc.umount2(b".", _MNT_DETACH), "detach the host root")
+    check(_libc.syscall(number, b".", b"."), "pivot_root")
+    check(_libc.umount2(b".", _MNT_DETACH), "detach the host root")
     os.chdir("/")
