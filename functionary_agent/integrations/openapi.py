@@ -562,7 +562,7 @@ def _request_body(
     body, at = refs.deref(raw, where)
     content = _object(body.get("content") or {}, (*at, "content"))
     media_types = [m for m in content if isinstance(m, str)]
-    media = next((m for m in media_types if _is_json(m)), None) or next(
+    media = next((m for m in media_types if _is_json_media_type(m)), None) or next(
         (m for m in media_types if m == "application/x-www-form-urlencoded"), None
     )
     if media is None:
@@ -585,7 +585,7 @@ def _request_body(
     return _Body(media, key)
 
 
-def _is_json(media_type: str) -> bool:
+def _is_json_media_type(media_type: str) -> bool:
     base = media_type.split(";")[0].strip().lower()
     return base in ("application/json", "*/*") or base.endswith("+json")
 
@@ -886,7 +886,7 @@ def _add_body(body: _Body, op: Operation, arguments: dict[str, Any], options: di
         payload = {k: v for k, v in arguments.items() if k not in claimed}
         if not payload:
             return
-    if _is_json(body.media_type):
+    if _is_json_media_type(body.media_type):
         options["json"] = payload
     else:
         options["data"] = payload if isinstance(payload, dict) else {"value": payload}

@@ -315,7 +315,7 @@ class Decoder:
             closing = values.closing()
             if closing is not None and self._budget - self.generated <= len(closing):
                 self.force(closing)  # out of tokens: end the JSON rather than cut it (it may miss a property)
-                return _is_json(written + closing)
+                return _parses_as_json(written + closing)
             boost, bias = copy.logits(*values.current()) if copy is not None else ((), ())
             token = self._next(boost=boost, bias=bias)
             if token is None or self._is_end(token):
@@ -324,9 +324,9 @@ class Decoder:
             values.feed(piece)
             written += piece
             self._emit(piece)
-            if written.rstrip().endswith("}") and _is_json(written):
+            if written.rstrip().endswith("}") and _parses_as_json(written):
                 return True
-        return _is_json(written)
+        return _parses_as_json(written)
 
     def free_text(
         self, triggers: Sequence[str], stops: Sequence[str], prose: bool = False, after_result: bool = False
@@ -553,7 +553,7 @@ class CopyBias:
         return self._first[text]
 
 
-def _is_json(text: str) -> bool:
+def _parses_as_json(text: str) -> bool:
     try:
         json.loads(text)
     except ValueError:
@@ -561,7 +561,7 @@ def _is_json(text: str) -> bool:
     return True
 
 
-Review = Callable[[CallSpec, str, bool], "str | None"]
+CallReview = Callable[[CallSpec, str, bool], "str | None"]
 
 
 @dataclass(frozen=True)
@@ -575,7 +575,7 @@ class TurnPlan:
     max_calls: int | None
     max_items: int
     max_length: int
-    review: Review
+    review: CallReview
     prose: bool = False  # steer text segments (see `Decoder.free_text`); for small models that misread the format
     after_result: bool = False  # the conversation ends with a tool result (see `Decoder.free_text`)
     calls_first: bool = False  # where text or a call may come first, try the best call first (the review decides)
