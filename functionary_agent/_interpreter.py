@@ -7,11 +7,11 @@ the models write and some servers pass it through unwrapped.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from functionary_agent._openai_messages import code_of
 from functionary_agent.errors import ConfigurationError
 from functionary_agent.tools import Tool, ToolOutcome
 
@@ -76,17 +76,3 @@ class PythonTool(Tool):
     def execute(self, code: str) -> str:
         """Run `code` from sync code (calling the tool directly); the loop uses the async `run`."""
         return self.sandbox.execute(code).to_model_text()
-
-
-def code_of(arguments: str | Mapping[str, Any] | None) -> str:
-    """The code in a python call: `{"code": ...}` as JSON or a dict, else the raw text itself."""
-    if isinstance(arguments, Mapping):
-        return str(arguments.get("code", ""))
-    text = arguments or ""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        return text
-    if isinstance(value, dict):
-        return value["code"] if isinstance(value.get("code"), str) else ""
-    return value if isinstance(value, str) else text  # a JSON string, or code that happens to be JSON (`42`)

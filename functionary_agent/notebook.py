@@ -37,7 +37,8 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from functionary_agent._calls import CANCELLED
-from functionary_agent._interpreter import PYTHON, PythonTool, code_of
+from functionary_agent._interpreter import PYTHON, PythonTool
+from functionary_agent._openai_messages import code_of, message_text
 from functionary_agent.events import Event, FinalAnswer, TextDelta, ToolCallArgumentsDelta, ToolCallStarted, ToolResult
 
 if TYPE_CHECKING:
@@ -634,7 +635,7 @@ def _transcript(
             if message.get("tool_call_id") not in shown:  # a result whose call is not in the list
                 yield "call", _static_call(str(message.get("name") or "tool"), "", message, resolve)
             continue
-        text = _text_of(message.get("content"))
+        text = message_text(message.get("content"), "\n", name_other_parts=True)
         if text.strip():
             yield role, text
         for tool_call in message.get("tool_calls") or ():
@@ -650,22 +651,9 @@ def _static_call(name: str, arguments: Any, answer: Mapping[str, Any] | None, re
         arguments = json.dumps(arguments, ensure_ascii=False)
     if answer is None:
         return _Call(name, arguments, state="unanswered")
-    content = _text_of(answer.get("content"))
+    content = message_text(answer.get("content"), "\n", name_other_parts=True)
     images = _load_images(content, resolve) if name == PYTHON else []
     return _Call(name, arguments, content, _state_of(content), images=images)
-
-
-def _text_of(content: Any) -> str:
-    """Message content as text: a string, or OpenAI content parts (text kept, other parts named)."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        pieces = [str(p.get("text", "")) if p.get("type") == "text" else f"[{p.get('type', 'part')}]"
-                  for p in content if isinstance(p, Mapping)]
-        return "\n".join(pieces)
-    return str(content)
 
 
 # -- the live display --------------------------------------------------------------------------------------

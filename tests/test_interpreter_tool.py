@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from functionary_agent import Conversation
-from functionary_agent._interpreter import code_of
+from functionary_agent._openai_messages import code_of
 from functionary_agent.events import ToolResult
 from functionary_agent.testing import ScriptedModel, call
 

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
+from functionary_agent._openai_messages import code_of, message_text
 from functionary_agent._schema import inline_refs
 from functionary_agent.errors import ConfigurationError
 
@@ -128,17 +129,6 @@ def _with_inlined_refs(function: Mapping[str, Any]) -> Mapping[str, Any]:
     return function
 
 
-def message_text(content: Any) -> str:
-    """Message content as text: None is empty, a list of parts keeps its text parts."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(str(part.get("text", "")) for part in content if isinstance(part, Mapping))
-    return str(content)
-
-
 def effective_tool_choice(tools: Sequence[Any], tool_choice: Any) -> ToolChoice:
     """The request's tool_choice, except that a request without tools is a "none" request (as upstream does):
     the prompt then opens a text answer instead of asking for a recipient that does not exist."""
@@ -199,14 +189,3 @@ def _call(call: Mapping[str, Any], code: frozenset[str], names_by_id: dict[str, 
     if name in code:
         return Call(name, code_of(arguments), True)
     return Call(name, arguments, False)
-
-
-def code_of(arguments: str) -> str:
-    """The raw code of a python call: our messages carry `{"code": ...}`; raw code (as in upstream data) passes."""
-    try:
-        value = json.loads(arguments)
-    except ValueError:
-        return arguments
-    if isinstance(value, dict) and isinstance(value.get("code"), str):
-        return value["code"]
-    return arguments

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from functionary_agent._openai_messages import new_call_id
 
 TEXT, NAME, ARGS, CODE, SKIP, DONE = "text", "name", "args", "code", "skip", "done"
 _END = "end"  # pseudo-target: the recipient name is complete
@@ -126,10 +127,6 @@ class _Trim:
 def _viable(candidate: str) -> bool:
     """Could `candidate` still become a recipient name (whitespace around one short identifier)?"""
     return len(candidate) <= _MAX_NAME_SPAN and _VIABLE_NAME.fullmatch(candidate) is not None
-
-
-def new_call_id() -> str:
-    return "call_" + secrets.token_hex(12)
 
 
 class StreamParser:

@@ -8,20 +8,15 @@ only index and arguments) and end with the whole `AssistantMessage`, so consumer
 from __future__ import annotations
 
 import json
-import secrets
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from functionary_agent import _sync
+from functionary_agent._openai_messages import new_call_id
 
 ToolChoice = Literal["auto", "none", "required"] | Mapping[str, Any]
 Delta = dict[str, Any]
-
-
-def new_call_id() -> str:
-    """An OpenAI-style call id, for servers and formats that send none."""
-    return "call_" + secrets.token_hex(12)
 
 
 @dataclass
