@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 
-from functionary_agent._display import Reporter
+from functionary_agent._terminal import Reporter
 from functionary_agent.conversation import Conversation
 from functionary_agent.errors import FunctionaryAgentError
 

@@ -15,8 +15,8 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from functionary_agent._display import Reporter
-from functionary_agent._loading import load_tools
+from functionary_agent._terminal import Reporter
+from functionary_agent._tool_files import load_tools
 from functionary_agent.conversation import Conversation
 from functionary_agent.errors import ConfigurationError, FunctionaryAgentError, ToolDefinitionError
 from functionary_agent.models import embedded_model

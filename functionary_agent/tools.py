@@ -230,6 +230,17 @@ def tool(
     return wrap(fn) if fn is not None else wrap
 
 
+def unique_tool_name(raw: str, taken: set[str], fallback: str = "tool") -> str:
+    """A valid tool name for `raw` (itself when valid; else runs of other characters become "_"), numbered so it
+    is none of the names already `taken`. For tools that come with names of their own (MCP, OpenAPI)."""
+    name = raw if TOOL_NAME_PATTERN.match(raw) else (re.sub(r"[^a-zA-Z0-9_-]+", "_", raw).strip("_")[:64] or fallback)
+    candidate, number = name, 2
+    while candidate in taken:
+        suffix = f"_{number}"
+        candidate, number = name[: 64 - len(suffix)] + suffix, number + 1
+    return candidate
+
+
 def parse_arguments(arguments: str | Mapping[str, Any] | None) -> dict[str, Any]:
     """Arguments as the model sent them (a JSON string, a dict, or nothing) -> a dict, or a fault to report."""
     if arguments is None:

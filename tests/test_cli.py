@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from functionary_agent import cli as cli_module
-from functionary_agent._loading import load_tools
+from functionary_agent._tool_files import load_tools
 from functionary_agent.conversation import Conversation
 from functionary_agent.errors import ConfigurationError, ToolDefinitionError
 from functionary_agent.testing import ScriptedModel, ScriptedRequest

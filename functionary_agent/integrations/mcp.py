@@ -18,7 +18,6 @@ import functools
 import json
 import logging
 import os
-import re
 import shlex
 import shutil
 import sys
@@ -27,7 +26,7 @@ from typing import Any, TextIO, TypeVar
 
 from functionary_agent.errors import ConfigurationError
 from functionary_agent.integrations._http_guard import Origin, RequestGuard
-from functionary_agent.tools import TOOL_NAME_PATTERN, Tool
+from functionary_agent.tools import Tool, unique_tool_name
 
 try:
     import anyio
@@ -236,7 +235,7 @@ class MCPConnection:
         taken: set[str] = set()
         for spec in specs:
             remote = spec["name"]
-            local = _tool_name(self._prefix + remote, taken)
+            local = unique_tool_name(self._prefix + remote, taken)
             if local != self._prefix + remote:
                 logger.info("MCP tool %r is offered to the model as %r", remote, local)
             taken.add(local)
@@ -364,16 +363,6 @@ def content_to_text(result: Mapping[str, Any]) -> str:
     if not parts and result.get("structuredContent") is not None:
         return json.dumps(result["structuredContent"], ensure_ascii=False)
     return "\n".join(parts)
-
-
-def _tool_name(name: str, taken: set[str]) -> str:
-    """The server's name when it is a valid tool name, else the closest valid one; never a duplicate."""
-    candidate = name if TOOL_NAME_PATTERN.match(name) else (re.sub(r"[^a-zA-Z0-9_-]", "_", name)[:64] or "tool")
-    base, number = candidate, 2
-    while candidate in taken:
-        suffix = f"_{number}"
-        candidate, number = base[: 64 - len(suffix)] + suffix, number + 1
-    return candidate
 
 
 def _path(value: str | os.PathLike[str] | None) -> str | None:

@@ -32,7 +32,7 @@ from urllib.parse import quote, unquote, urljoin
 
 from functionary_agent.errors import ConfigurationError
 from functionary_agent.integrations._http_guard import Origin, RequestGuard, RequestRefused
-from functionary_agent.tools import Tool
+from functionary_agent.tools import Tool, unique_tool_name
 
 try:
     import httpx
@@ -71,7 +71,7 @@ class _Unsupported(Exception):
 
 
 @dataclass(frozen=True)
-class _Param:
+class _OperationParam:
     name: str  # as sent over HTTP
     location: str  # path, query, header, cookie
     key: str  # the argument's name in the tool's schema
@@ -99,7 +99,7 @@ class Operation:
     base_url: str
     description: str
     parameters: dict[str, Any]
-    params: tuple[_Param, ...] = ()
+    params: tuple[_OperationParam, ...] = ()
     body: _Body | None = None
 
     def known_keys(self) -> set[str]:
@@ -306,7 +306,7 @@ def _warn_untrusted(operations: Sequence[Operation], access: _Access) -> None:
             )
 
 
-def _outgoing(client: httpx.AsyncClient, access: _Access, op: Operation, request: _Request) -> httpx.Request:
+def _outgoing(client: httpx.AsyncClient, access: _Access, op: Operation, request: _PreparedRequest) -> httpx.Request:
     """The request as it is sent: with the user's headers for a home origin, else refused or without them (and
     without the client's cookies, which another origin must not see either)."""
     url = httpx.URL(request.url)
@@ -430,7 +430,7 @@ def _operations(
     budget = _Budget(_MAX_DOCUMENT_NODES)
     for entry in _walk_operations(document):
         op_id = entry.op.get("operationId") if isinstance(entry.op.get("operationId"), str) else None
-        name = _tool_name(op_id or f"{entry.method} {entry.path}", taken)
+        name = unique_tool_name(op_id or f"{entry.method} {entry.path}", taken, "operation")
         seen.update(n for n in (op_id, name) if n)
         if not _included(predicate, wanted, op_id, name):
             continue
@@ -506,7 +506,7 @@ def _text(value: Any) -> str:
 
 def _parameters(
     refs: _Refs, entry: _Found, properties: dict[str, Any], required: list[str]
-) -> tuple[_Param, ...]:
+) -> tuple[_OperationParam, ...]:
     merged: dict[tuple[str, str], tuple[dict[str, Any], _Where]] = {}
     for owner, where in ((entry.item, entry.where), (entry.op, entry.op_where)):  # the operation's win
         listed = _list(owner.get("parameters") or [], (*where, "parameters"))
@@ -514,7 +514,7 @@ def _parameters(
             param, at = refs.deref(raw, (*where, "parameters", index))
             merged[_parameter_key(param, at)] = (param, at)
     names = [name for name, _ in merged]
-    params: list[_Param] = []
+    params: list[_OperationParam] = []
     for (name, location), (param, at) in merged.items():
         if location == "header" and name.lower() in _IGNORED_HEADERS:
             continue
@@ -526,7 +526,7 @@ def _parameters(
         style = param.get("style") if isinstance(param.get("style"), str) else None
         style = style or ("form" if location in ("query", "cookie") else "simple")
         explode = bool(param.get("explode", style == "form"))
-        params.append(_Param(name, location, key, style, explode, as_json))
+        params.append(_OperationParam(name, location, key, style, explode, as_json))
     return tuple(params)
 
 
@@ -645,16 +645,6 @@ def _document_base(document: dict[str, Any], base_url: str | None, spec_url: str
         return _server_url(servers, ("servers",), None, spec_url)
     except ConfigurationError:
         return None
-
-
-def _tool_name(raw: str, taken: set[str]) -> str:
-    """`^[a-zA-Z0-9_-]{1,64}$` from an operationId (or "get /items/{id}"), never a name already taken."""
-    name = re.sub(r"[^a-zA-Z0-9_-]+", "_", raw).strip("_")[:64] or "operation"
-    candidate, number = name, 2
-    while candidate in taken:
-        suffix = f"_{number}"
-        candidate, number = name[: 64 - len(suffix)] + suffix, number + 1
-    return candidate
 
 
 # -- malformed documents ---------------------------------------------------------------------------------
@@ -806,7 +796,7 @@ class _Refs:
             self._acyclic.add(ref)
         if ref in stack:
             if ref not in self._names:
-                self._names[ref] = _tool_name(ref.rsplit("/", 1)[-1], set(self._names.values()))
+                self._names[ref] = unique_tool_name(ref.rsplit("/", 1)[-1], set(self._names.values()), "schema")
                 self.defs[self._names[ref]] = {}
                 self._pending.append(ref)
             return {"$ref": f"#/$defs/{self._names[ref]}"}
@@ -845,12 +835,12 @@ def _request_view(schema: dict[str, Any]) -> dict[str, Any]:
 
 # -- requests --------------------------------------------------------------------------------------------
 @dataclass
-class _Request:
+class _PreparedRequest:
     url: str
     options: dict[str, Any]
 
 
-def _build_request(op: Operation, arguments: dict[str, Any]) -> _Request:
+def _build_request(op: Operation, arguments: dict[str, Any]) -> _PreparedRequest:
     unknown = set(arguments) - op.known_keys()
     if unknown and not (op.body is not None and op.body.key is None and op.body.extra_allowed):
         expected = ", ".join(sorted(op.known_keys())) or "none"
@@ -873,7 +863,7 @@ def _build_request(op: Operation, arguments: dict[str, Any]) -> _Request:
     options: dict[str, Any] = {"params": query, "headers": headers}
     if op.body is not None:
         _add_body(op.body, op, arguments, options)
-    return _Request(op.base_url + path, options)
+    return _PreparedRequest(op.base_url + path, options)
 
 
 def _add_body(body: _Body, op: Operation, arguments: dict[str, Any], options: dict[str, Any]) -> None:
@@ -900,7 +890,7 @@ def _scalar(value: Any) -> str:
     return str(value)
 
 
-def _joined(value: Any, param: _Param, separator: str) -> str:
+def _joined(value: Any, param: _OperationParam, separator: str) -> str:
     """The `simple` style (and form without explode): items and key-value pairs joined by `separator`."""
     if param.as_json:
         return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
@@ -913,14 +903,14 @@ def _joined(value: Any, param: _Param, separator: str) -> str:
     return _scalar(value)
 
 
-def _path_value(value: Any, param: _Param) -> str:
+def _path_value(value: Any, param: _OperationParam) -> str:
     """Each piece percent-encoded, `/` included, and `.`/`..` too: a value must not climb out of its path."""
     text = _joined(value, param, "\x00")
     pieces = [quote(piece, safe="=") for piece in text.split("\x00")]
     return ",".join(piece.replace(".", "%2E") if piece in (".", "..") else piece for piece in pieces)
 
 
-def _query_pairs(value: Any, param: _Param) -> list[tuple[str, str]]:
+def _query_pairs(value: Any, param: _OperationParam) -> list[tuple[str, str]]:
     if param.as_json:
         return [(param.name, _joined(value, param, ","))]
     if param.style == "deepObject" and isinstance(value, dict):

@@ -117,7 +117,7 @@ class EmbeddedModel(ChatModel):
         self.n_ctx = n_ctx
         self.n_threads = n_threads or _default_threads()
         self.settings = {"seed": seed, **_checked_settings(sampling)}
-        self._engine = _Engine.for_file(self.model_path, n_ctx, self.n_threads)
+        self._engine = _SharedLlama.for_file(self.model_path, n_ctx, self.n_threads)
 
     _shared: dict[tuple[Any, ...], EmbeddedModel] = {}  # noqa: RUF012 - a process-wide registry on purpose
     _shared_lock = threading.Lock()
@@ -165,7 +165,7 @@ class EmbeddedModel(ChatModel):
         **settings: Any,
     ) -> AsyncIterator[StreamItem]:
         settings = {**self.settings, **_checked_settings(settings)}
-        request = _Request(list(messages), list(tools or ()), tool_choice, settings)
+        request = _TurnRequest(list(messages), list(tools or ()), tool_choice, settings)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         stop = threading.Event()
@@ -217,17 +217,17 @@ def _checked_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class _Request:
+class _TurnRequest:
     messages: list[Mapping[str, Any]]
     tools: list[Mapping[str, Any]]
     tool_choice: ToolChoice
     settings: dict[str, Any]
 
 
-class _Engine:
+class _SharedLlama:
     """One loaded `Llama` and the lock that serialises it; shared by every model on the same file and context."""
 
-    _engines: dict[tuple[Path, int, int], _Engine] = {}  # noqa: RUF012 - a process-wide registry on purpose
+    _engines: dict[tuple[Path, int, int], _SharedLlama] = {}  # noqa: RUF012 - a process-wide registry on purpose
     _engines_lock = threading.Lock()
 
     def __init__(self, path: Path, n_ctx: int, n_threads: int) -> None:
@@ -238,7 +238,7 @@ class _Engine:
         self._cache: Any = None
 
     @classmethod
-    def for_file(cls, path: Path, n_ctx: int, n_threads: int) -> _Engine:
+    def for_file(cls, path: Path, n_ctx: int, n_threads: int) -> _SharedLlama:
         with cls._engines_lock:
             key = (path, n_ctx, n_threads)
             if key not in cls._engines:
@@ -273,7 +273,7 @@ class _Engine:
         return self._llama
 
     def run(
-        self, format_name: str | None, request: _Request, emit: Callable[[Any], None], cancelled: Callable[[], bool]
+        self, format_name: str | None, request: _TurnRequest, emit: Callable[[Any], None], cancelled: Callable[[], bool]
     ) -> AssistantMessage:
         """One turn, start to finish, holding the lock; `emit` gets each delta."""
         from functionary_agent.models import _llama_decode as decode
@@ -321,7 +321,7 @@ class _Engine:
 class _Stream:
     """Generated text -> the format's stream parser -> clean deltas, to the caller and into the final message."""
 
-    def __init__(self, fmt: Format, request: _Request, emit: Callable[[Any], None]) -> None:
+    def __init__(self, fmt: Format, request: _TurnRequest, emit: Callable[[Any], None]) -> None:
         self._parser = fmt.stream_parser(tools=request.tools, tool_choice=request.tool_choice)
         self._accumulator = DeltaAccumulator()
         self._emit = emit
@@ -343,7 +343,7 @@ class _Stream:
         return replace(self._accumulator.message(finish_reason), usage=usage)
 
 
-def _plan(fmt: Format, request: _Request) -> tuple[Any, Any, int]:
+def _plan(fmt: Format, request: _TurnRequest) -> tuple[Any, Any, int]:
     """The request's call grammar and limits, its sampling settings, and its token budget."""
     from functionary_agent.models import _llama_decode as decode
 
