@@ -7,12 +7,14 @@ for (the model thinking, a slow tool); in a pipe the output is plain lines a scr
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TextIO
 
+from functionary_agent._text import compact_json, cut
 from functionary_agent.events import FinalAnswer, TextDelta, ToolCallStarted, ToolResult
+
+_SCREEN = 2000  # characters of a tool result shown on the terminal
 
 
 class Reporter:
@@ -91,8 +93,8 @@ class Reporter:
         self._out.flush()
 
     def _call(self, result: ToolResult) -> None:
-        arguments = _compact_json(result.arguments)
-        content = _one_screen(result.content)
+        arguments = compact_json(result.arguments)
+        content = cut(result.content, _SCREEN)
         if self._console is None:
             print(f"{result.name}({arguments})\n  -> {content}", file=self._out)
             return
@@ -113,14 +115,3 @@ class Reporter:
         if self._mid_line:
             self._write("\n")
             self._mid_line = False
-
-
-def _compact_json(arguments: str) -> str:
-    try:
-        return json.dumps(json.loads(arguments or "{}"), ensure_ascii=False)
-    except json.JSONDecodeError:
-        return arguments
-
-
-def _one_screen(text: str, limit: int = 2000) -> str:
-    return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit} more characters)"

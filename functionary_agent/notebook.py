@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from functionary_agent._calls import CANCELLED
 from functionary_agent._interpreter import PYTHON, PythonTool
 from functionary_agent._openai_messages import code_of, message_text
+from functionary_agent._text import compact_json, shorten
 from functionary_agent.events import Event, FinalAnswer, TextDelta, ToolCallArgumentsDelta, ToolCallStarted, ToolResult
 
 if TYPE_CHECKING:
@@ -133,19 +134,8 @@ def _call_preview(call: _Call) -> str:
     """`name(arguments)` on one line, as the terminal reporter writes it."""
     if call.name == PYTHON:
         first = next((line for line in code_of(call.arguments).splitlines() if line.strip()), "")
-        return _shorten(f"{call.name}: {first}", 100)
-    return _shorten(f"{call.name}({_compact_arguments(call.arguments)})", 100)
-
-
-def _compact_arguments(arguments: str) -> str:
-    try:
-        return json.dumps(json.loads(arguments or "{}"), ensure_ascii=False)
-    except json.JSONDecodeError:
-        return " ".join(arguments.split())  # still being written, or not JSON: shown as sent
-
-
-def _shorten(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+        return shorten(f"{call.name}: {first}", 100)
+    return shorten(f"{call.name}({compact_json(call.arguments)})", 100)
 
 
 def _pretty_arguments(arguments: str) -> str:
@@ -161,7 +151,7 @@ def _call_html(call: _Call) -> str:
     headline = ""
     if call.state == "error" and call.content:
         first = next((line for line in call.content.splitlines() if line.strip()), "")
-        headline = f' <span style="color:{_RED}">{html.escape(_shorten(first, 160))}</span>'
+        headline = f' <span style="color:{_RED}">{html.escape(shorten(first, 160))}</span>'
     summary = (
         f'<summary style="cursor:pointer">{icon} <code>{html.escape(_call_preview(call))}</code> '
         f'<span style="color:{colour};font-weight:600">{html.escape(status)}</span>{headline}</summary>'
@@ -193,7 +183,7 @@ def _call_plain(call: _Call) -> str:
     if call.content is None:
         return f"{line}  [{label}]"
     marker = "[error] " if call.state == "error" else ""
-    return f"{line}\n  -> {marker}{_shorten(call.content, 2000)}"
+    return f"{line}\n  -> {marker}{shorten(call.content, 2000)}"
 
 
 def _call_markdown(call: _Call) -> str:
@@ -202,7 +192,7 @@ def _call_markdown(call: _Call) -> str:
     if call.name == PYTHON:
         parts = [f"{icon} **`python`** — {status}", _fence(code_of(call.arguments), "python")]
     else:
-        arguments = _code_span(_compact_arguments(call.arguments))
+        arguments = _code_span(compact_json(call.arguments))
         parts = [f"{icon} **`{call.name}`** {arguments} — {status}"]
     if call.content is not None:
         parts.append(_fence(call.content, "text"))

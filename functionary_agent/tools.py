@@ -29,6 +29,7 @@ import pydantic_core
 from pydantic.fields import FieldInfo
 
 from functionary_agent._schema import clean_schema
+from functionary_agent._text import shorten
 from functionary_agent.errors import ToolDefinitionError
 
 logger = logging.getLogger(__name__)
@@ -254,11 +255,12 @@ def parse_arguments(arguments: str | Mapping[str, Any] | None) -> dict[str, Any]
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise _CallFault(
-            f"the arguments are not valid JSON ({exc}): {_trim(text)}. "
+            f"the arguments are not valid JSON ({exc}): {shorten(text, _REPR_LIMIT)}. "
             "Send the arguments as one JSON object."
         ) from None
     if not isinstance(value, dict):
-        raise _CallFault(f"the arguments must be a JSON object, got {type(value).__name__}: {_trim(text)}")
+        got = f"{type(value).__name__}: {shorten(text, _REPR_LIMIT)}"
+        raise _CallFault(f"the arguments must be a JSON object, got {got}")
     return value
 
 
@@ -377,13 +379,9 @@ def _describe_validation_error(tool_name: str, exc: pydantic.ValidationError) ->
         where = ".".join(str(part) for part in error["loc"]) or "(arguments)"
         line = f"- {where}: {error['msg']}"
         if error["type"] not in ("missing", "extra_forbidden"):
-            line += f" (got {_trim(json.dumps(error['input'], default=repr))})"
+            line += f" (got {shorten(json.dumps(error['input'], default=repr), _REPR_LIMIT)})"
         lines.append(line)
     return f"invalid arguments for {tool_name}:\n" + "\n".join(lines)
-
-
-def _trim(text: str, limit: int = _REPR_LIMIT) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _qualname(fn: object) -> str:

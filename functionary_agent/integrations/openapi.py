@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal, NoReturn, TypeVar
 from urllib.parse import quote, unquote, urljoin
 
+from functionary_agent._text import cut
 from functionary_agent.errors import ConfigurationError
 from functionary_agent.integrations._http_guard import Origin, RequestGuard, RequestRefused
 from functionary_agent.tools import Tool, unique_tool_name
@@ -191,12 +192,12 @@ class OpenAPITools:
         if not response.is_success:
             raise HTTPCallError(
                 f"{method} {request.url} returned HTTP {response.status_code} {response.reason_phrase}: "
-                f"{_trim(response.text, _ERROR_BODY_CHARS) or '(empty body)'}"
+                f"{cut(response.text, _ERROR_BODY_CHARS) or '(empty body)'}"
             )
         text = response.text
         if not text:
             return f"HTTP {response.status_code} {response.reason_phrase}"
-        return _trim(text, self._max_chars)
+        return cut(text, self._max_chars)
 
 
 async def openapi_tools(
@@ -921,9 +922,3 @@ def _query_pairs(value: Any, param: _OperationParam) -> list[tuple[str, str]]:
         return [(str(k), _scalar(v)) for k, v in value.items()]
     separator = {"spaceDelimited": " ", "pipeDelimited": "|"}.get(param.style, ",")
     return [(param.name, _joined(value, param, separator))]
-
-
-def _trim(text: str, limit: int) -> str:
-    if len(text) <= limit:
-        return text
-    return f"{text[:limit]}… [{len(text) - limit} more characters not shown]"
