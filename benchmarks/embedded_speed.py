@@ -30,7 +30,7 @@ import llama_cpp  # noqa: E402
 from llama_cpp import LlamaGrammar  # noqa: E402
 from weather import get_weather  # noqa: E402
 
-from functionary_agent.models import _llama_decode as decode  # noqa: E402
+from functionary_agent.models._turn import TurnPlan  # noqa: E402
 from functionary_agent.models.embedded import EmbeddedModel  # noqa: E402
 from functionary_agent.tools import Tool  # noqa: E402
 
@@ -162,7 +162,7 @@ def grammar_overhead(model: EmbeddedModel, repeat: int) -> tuple[float, float]:
     named = {"type": "function", "function": {"name": "get_weather"}}
     fmt = model.format
     grammar = fmt.call_grammar(TOOLS, named)
-    plan = decode.TurnPlan(grammar, (), (), 1, 16, 512, lambda spec, text, may: text)
+    plan = TurnPlan(grammar, (), (), 1, 16, 512, lambda spec, text, may: text)
     gbnf = plan.arguments_grammar(grammar.call("get_weather"))
     prompt = fmt.render(messages, TOOLS, tool_choice=named)
 

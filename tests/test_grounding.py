@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from functionary_agent.formats import CallSpec
-from functionary_agent.models._grounding import Evidence, FurtherCalls, Relevance, Review, listed_with, numbers_in
+from functionary_agent.models._steering import Evidence, FurtherCalls, Relevance, Review, listed_with, numbers_in
 
 SPEC = CallSpec(name="book_room", begin="", end="", parameters={
     "type": "object",

@@ -1,4 +1,7 @@
-"""Token-level decoding for the embedded engine: one assistant turn on one llama.cpp context, in phases.
+"""Token-level decoding for the embedded engine, what any GGUF model needs: a sampler, and a decoder whose phases
+(a choice of opener, argument JSON, free text) append to one llama.cpp context. The turn loop is `_turn`; the
+small-model policy (copy bias, relevance, review, how text may open) is `_steering`, and reaches the decoder only
+as arguments (a `ValueBias`, words a text may not open with).
 
 Free text runs without a grammar (a GBNF over free text roughly halves generation speed on a small model); only the
 recipient choice and a call's argument JSON are decoded under a grammar. Even there the grammar is checked on the
@@ -14,31 +17,17 @@ from __future__ import annotations
 import codecs
 import ctypes
 import json
-import re
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import llama_cpp
 import numpy as np
 
 from functionary_agent.errors import ModelError
-from functionary_agent.formats import CallGrammar, CallSpec, arguments_gbnf
 from functionary_agent.formats.grammar import gbnf_literal
-from functionary_agent.models._grounding import numbers_in
 
 _MIN_LOOP_LINE = 12  # shorter lines (a closing brace, "Yes.") may well repeat on purpose
-# A text segment may not open with the words a small model writes when it echoes the protocol instead of answering
-# (the `all` recipient, "Recipient:", "Available functions", a traceback). Measured on the prompts of
-# benchmarks/embedded_decisions.py under tool_choice "none": 4.7 % of answers echoed the protocol or were empty with
-# this ban, 17.2 % with none, 14.1 % with the earlier rule (a capital first letter, Python literals banned), which
-# also refused answers such as "8 legs.".
-_NOT_PROSE = ("All", "all", "ALL", "Available", "Trace", "Traceback", "Recipient", "Output")
-# Right after a tool result the model mistakes itself for the tool: it copies the result's JSON, a date, or answers
-# "True" / "None" for ever (seen on the README's own weather example). There the answer must open like a sentence:
-# a capital or non-ASCII letter, and not a Python literal.
-_SENTENCE_START = "root ::= ([A-Z] | [^\\x00-\\x7f]) [^\\x00]*"
-_LITERALS = ("True", "False", "None", "Null")
 _TOKEN_DATA = np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True)
 
 
@@ -162,6 +151,13 @@ def choice_or_stop_gbnf(options: Sequence[str], may_stop: bool) -> str:
     """One of `options`; with `may_stop` also nothing, so the end-of-generation token is allowed at once."""
     body = " | ".join(gbnf_literal(option) for option in dict.fromkeys(options) if option)
     return f"root ::= ({body})?" if may_stop else f"root ::= {body}"
+
+
+class ValueBias(Protocol):
+    """Logit changes while an argument value is written: given the kind of value ("string", "number", "start" before
+    a value, "" elsewhere) and its text so far, the tokens to change and by how much. Steering supplies one."""
+
+    def logits(self, kind: str, written: str) -> tuple[list[int], list[float]]: ...
 
 
 class Decoder:
@@ -305,9 +301,9 @@ class Decoder:
 
         return float(max(logits[first(option)] for option in options) - logits[first(other)])
 
-    def json_arguments(self, gbnf: str, copy: CopyBias | None = None) -> bool:
+    def json_arguments(self, gbnf: str, copy: ValueBias | None = None) -> bool:
         """Argument JSON under `gbnf`, up to the moment it is a complete value; False if it was cut short.
-        With `copy`, tokens that copy a value from the conversation are favoured (see `CopyBias`)."""
+        `copy` changes logits as values are written (steering's copy bias, for small models)."""
         self.sampler.use_grammar(gbnf)
         written = ""
         values = _JsonValues()
@@ -329,19 +325,24 @@ class Decoder:
         return _parses_as_json(written)
 
     def free_text(
-        self, triggers: Sequence[str], stops: Sequence[str], prose: bool = False, after_result: bool = False
+        self,
+        triggers: Sequence[str],
+        stops: Sequence[str],
+        *,
+        opening_ban: Sequence[str] = (),
+        opening_grammar: str | None = None,
+        no_loops: bool = False,
     ) -> str | None:
         """Unconstrained text up to the end of the turn (None) or a trigger, which is returned once written.
-        With `prose` the first token may not echo the protocol (and, `after_result`, must open a sentence) and a
-        repeated line ends the text."""
-        sentence = prose and after_result
-        self.sampler.use_grammar(_SENTENCE_START if sentence else None)
-        ban = self._not_prose((*_NOT_PROSE, *(_LITERALS if sentence else ()))) if prose else None
-        scan = _TextScan(triggers, stops, no_loops=prose)
+        The first token is none of the words in `opening_ban` and follows `opening_grammar` (GBNF), if given;
+        with `no_loops` a repeated line ends the text."""
+        self.sampler.use_grammar(opening_grammar)
+        ban = self._single_tokens(opening_ban) if opening_ban else None
+        scan = _TextScan(triggers, stops, no_loops=no_loops)
         while (token := self._next(ban)) is not None and not self._is_end(token):
-            if sentence:
+            if opening_grammar is not None:
                 self.sampler.use_grammar(None)
-                sentence = False
+                opening_grammar = None
             ban = None
             start = len(scan.text)
             scan.add(self._take(token))
@@ -359,7 +360,8 @@ class Decoder:
         self._emit(scan.text[scan.released :])
         return None
 
-    def _not_prose(self, banned: Sequence[str]) -> np.ndarray:
+    def _single_tokens(self, banned: Sequence[str]) -> np.ndarray:
+        """The tokens that spell one of `banned` (or it after a space) on their own."""
         words = [*banned, *(f" {word}" for word in banned)]
         ids = {t[0] for w in words if len(t := self.llama.tokenize(w.encode(), add_bos=False, special=False)) == 1}
         return np.array(sorted(ids), dtype=np.intc)
@@ -491,234 +493,12 @@ class _JsonValues:
             self._expect = False
 
 
-class CopyBias:
-    """Favours argument values copied from the conversation (`source`: the user's, system and tool messages).
-
-    A small model fills arguments from its prior (the example in a description, a round number). Adding `bias` to the
-    logits of the tokens that begin a word of the source (at the start of a string value) or finish a word or number
-    of the source that the value has begun makes it copy what the user said instead; a string that would begin like
-    a name or a quoted example of the tool descriptions (`examples`) that the conversation never used gets `bias`
-    taken off. Where the
-    value already is a whole word or number of the source, nothing is favoured: going on is the model's call.
-    """
-
-    def __init__(self, llama: Any, source: str, bias: float, examples: str = "") -> None:
-        self._llama = llama
-        self._bias = bias
-        self._text = source
-        self._lower = source.lower()
-        self._word_starts = [m.start() for m in re.finditer(r"(?<![\w])\w", source)]
-        self._numbers = numbers_in(source)
-        self._first: dict[str, int | None] = {}
-        known = set(re.findall(r"\w+", self._lower))
-        named = re.findall(r"\b[A-Z]\w{2,}", examples) + re.findall(r"[\"']([^\"'\n]{3,40})[\"']", examples)
-        unsaid = {word for word in named if word.lower() not in known}
-        starts = {t for t in map(self._first_token, unsaid) if t is not None}
-        self._unsaid = sorted(starts - set(self._string_tokens("")))
-
-    def logits(self, kind: str, written: str) -> tuple[list[int], list[float]]:
-        """The tokens to favour (or, with a negative value, disfavour) next, and by how much."""
-        if kind == "string":
-            favoured = self._string_tokens(written)
-            if not written:  # a value that begins like a word of the tool descriptions the user never said
-                return [*favoured, *self._unsaid], [self._bias] * len(favoured) + [-self._bias] * len(self._unsaid)
-            return favoured, [self._bias] * len(favoured)
-        if kind == "start":  # a number begins like one the conversation states (the grammar says if one fits)
-            favoured = sorted({t for t in map(self._first_token, self._numbers) if t is not None})
-            return favoured, [self._bias] * len(favoured)
-        if kind == "number" and written not in self._numbers:
-            rests = {number[len(written) :] for number in self._numbers if number.startswith(written)}
-            favoured = sorted(t for t in map(self._first_token, rests) if t is not None)
-            return favoured, [self._bias] * len(favoured)
-        return [], []
-
-    def _string_tokens(self, written: str) -> list[int]:
-        key = written.lower()
-        found = set()
-        for at in self._word_starts:
-            if not self._lower.startswith(key, at):
-                continue
-            end = at + len(written)
-            inside_word = end < len(self._text) and self._text[end].isalnum() and (not written or written[-1].isalnum())
-            if inside_word:
-                token = self._first_token(self._text[end : end + 24])
-                if token is not None:
-                    found.add(token)
-        return sorted(found)
-
-    def _first_token(self, text: str) -> int | None:
-        if text not in self._first:
-            tokens = self._llama.tokenize(text.encode(), add_bos=False, special=False) if text else []
-            self._first[text] = tokens[0] if tokens else None
-        return self._first[text]
-
-
 def _parses_as_json(text: str) -> bool:
     try:
         json.loads(text)
     except ValueError:
         return False
     return True
-
-
-CallReview = Callable[[CallSpec, str, bool], "str | None"]
-
-
-@dataclass(frozen=True)
-class TurnPlan:
-    """What one request allows: the format's call grammar plus our limits, and the review of each call (given the
-    call, its argument JSON and whether text may replace it, it returns the arguments to send, or None: no call)."""
-
-    grammar: CallGrammar
-    triggers: tuple[str, ...]
-    stops: tuple[str, ...]
-    max_calls: int | None
-    max_items: int
-    max_length: int
-    review: CallReview
-    prose: bool = False  # steer text segments (see `Decoder.free_text`); for small models that misread the format
-    after_result: bool = False  # the conversation ends with a tool result (see `Decoder.free_text`)
-    calls_first: bool = False  # where text or a call may come first, try the best call first (the review decides)
-    candidates: frozenset[str] | None = None  # with calls_first: the tools that call may be to (None: any)
-    # with calls_first and no candidate: how much more likely (log-probability of the first token) the model must
-    # find a call than text for a call to any tool to be tried; None: text then
-    strong_call: float | None = None
-    # given a call just made (name, arguments), the arguments of a further call of the same tool, or None
-    further: Callable[[str, str], str | None] | None = None
-    copy_source: str = ""  # the conversation's text, for `CopyBias`
-    copy_bias: float = 0.0
-    copy_examples: str = ""  # the tool descriptions, for `CopyBias`
-
-    def arguments_grammar(self, spec: CallSpec) -> str:
-        parameters = _nonempty_required_strings(spec.parameters)
-        return arguments_gbnf(replace(spec, parameters=parameters), max_items=self.max_items,
-                              max_length=self.max_length, closed_objects=True)
-
-
-def _nonempty_required_strings(schema: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
-    """A required free string may not be empty: "" is a small model's way of not knowing, never a useful value."""
-    if not schema or not isinstance(schema.get("properties"), Mapping):
-        return schema
-    properties = dict(schema["properties"])
-    for name in schema.get("required") or ():
-        prop = properties.get(name)
-        if not isinstance(prop, Mapping) or any(k in prop for k in ("enum", "const", "pattern", "minLength")):
-            continue
-        if prop.get("type") == "string":
-            properties[name] = {**prop, "minLength": 1}
-    return {**schema, "properties": properties}
-
-
-def run_turn(decoder: Decoder, plan: TurnPlan) -> None:
-    """The decode loop of `functionary_agent.formats.grammar`: choose an opener, decode its text or call, repeat.
-    A JSON call the review rejects is rewound and replaced by free text, where the protocol allows text."""
-    grammar = plan.grammar
-    openers: Mapping[str, CallSpec | None] = grammar.first_openers()
-    calls, may_stop, first = 0, False, plan.calls_first
-    while openers:
-        mark = decoder.mark()
-        decoder.hold()
-        target = _open(decoder, _first_openers(decoder, plan, openers) if first else openers, may_stop)
-        first = False
-        if target is _STOP:
-            decoder.release()
-            return
-        if isinstance(target, CallSpec) and target.parameters is not None:
-            outcome = _json_call(decoder, plan, target, _text_opener(openers))
-            if outcome is _STOP:
-                return
-            if outcome is not _REJECTED:
-                made = _further_calls(decoder, plan, target, outcome, calls + 1)
-                if made > calls + 1 or (plan.max_calls is not None and made >= plan.max_calls):
-                    return  # the limit, or a list the further calls have covered: the turn is complete
-                calls = made
-                openers, may_stop = grammar.openers(), calls >= grammar.min_calls
-                continue
-            decoder.discard()
-            decoder.rewind(mark)
-            decoder.force(_text_opener(openers) or "")
-            target = None
-        decoder.release()
-        prose = plan.prose and target is None
-        marker = decoder.free_text(plan.triggers, plan.stops, prose, plan.after_result)  # text or raw code
-        calls += target is not None
-        if marker is None or (plan.max_calls is not None and calls >= plan.max_calls):
-            return
-        openers, may_stop = grammar.continuations(marker), False
-
-
-_STOP: Any = object()
-_REJECTED: Any = object()
-
-
-def _further_calls(decoder: Decoder, plan: TurnPlan, spec: CallSpec, arguments: str, calls: int) -> int:
-    """Steering: after a call, the further calls of the same tool that `plan.further` derives (the other values
-    the user listed), written as the model would write them. Returns the number of calls made so far."""
-    openers = plan.grammar.openers().items()
-    opener = next((o for o, target in openers if target is not None and target.name == spec.name), None)
-    while plan.further is not None and opener is not None and (plan.max_calls is None or calls < plan.max_calls):
-        following = plan.further(spec.name, arguments)
-        if following is None:
-            break
-        decoder.force(opener + following + spec.end)
-        arguments, calls = following, calls + 1
-    return calls
-
-
-def _open(decoder: Decoder, openers: Mapping[str, CallSpec | None], may_stop: bool) -> Any:
-    """The segment the model opens next (a CallSpec, or None for text), or _STOP."""
-    if "" in openers:
-        return openers[""]
-    chosen = decoder.choose(list(openers), may_stop)
-    return _STOP if chosen is None else openers[chosen]
-
-
-def _first_openers(decoder: Decoder, plan: TurnPlan, openers: Mapping[str, CallSpec | None]) -> Any:
-    """Calls first: to the candidate tools, or to any tool when none is a candidate but the model strongly prefers
-    a call to text at this point."""
-    candidates, text = plan.candidates, _text_opener(openers)
-    if candidates is None or plan.strong_call is None or text is None:
-        return _calls_first(openers, candidates)
-    calls = [opener for opener, target in openers.items() if target is not None and target.parameters is not None]
-    named = any(target is not None and target.name in candidates for target in openers.values())
-    if calls and not named and decoder.preference(calls, text) >= plan.strong_call:
-        candidates = None
-    return _calls_first(openers, candidates)
-
-
-def _calls_first(
-    openers: Mapping[str, CallSpec | None], candidates: frozenset[str] | None
-) -> Mapping[str, CallSpec | None]:
-    """Where text is among `openers`: the JSON calls to the candidate tools (the review falls back to text), or
-    text alone when no candidate is there."""
-    text = _text_opener(openers)
-    if text is None:
-        return openers
-    json_calls = {k: v for k, v in openers.items() if v is not None and v.parameters is not None}
-    chosen = {k: v for k, v in json_calls.items() if candidates is None or (v is not None and v.name in candidates)}
-    if chosen:
-        return chosen
-    return {text: None} if json_calls and candidates is not None else openers
-
-
-def _text_opener(openers: Mapping[str, CallSpec | None]) -> str | None:
-    return next((opener for opener, target in openers.items() if target is None), None)
-
-
-def _json_call(decoder: Decoder, plan: TurnPlan, spec: CallSpec, text_opener: str | None) -> Any:
-    """Decode one call's arguments and let the review keep, tidy or reject them; returns the arguments kept."""
-    start = decoder.held_size()
-    copy = CopyBias(decoder.llama, plan.copy_source, plan.copy_bias, plan.copy_examples) if plan.copy_bias else None
-    if not decoder.json_arguments(plan.arguments_grammar(spec), copy):
-        decoder.release()
-        return _STOP
-    arguments = plan.review(spec, decoder.held_text(start), text_opener is not None)
-    if arguments is None:
-        return _REJECTED
-    decoder.release(start, arguments)
-    if spec.end:
-        decoder.force(spec.end)
-    return arguments
 
 
 def prefill(llama: Any, tokens: Sequence[int]) -> tuple[list[int], int]:

@@ -1,6 +1,6 @@
 """The embedded engine: llama.cpp in-process (llama-cpp-python), offline, with SmolLM2-135M-Instruct by default.
 
-The prompt is rendered by our formats (the same text the vLLM server renders), decoded in phases by
+The prompt is rendered by our formats (the same text the vLLM server renders), decoded in phases by `_turn` on
 `_llama_decode` (free text without a grammar, recipients and argument JSON under one), and parsed by the format's
 stream parser, so the deltas are exactly what `format.parse` would return for the whole output.
 
@@ -28,7 +28,7 @@ from typing import Any
 
 from functionary_agent.errors import ConfigurationError, FormatError, ModelError
 from functionary_agent.formats import Format, detect_format, get_format
-from functionary_agent.models._grounding import (
+from functionary_agent.models._steering import (
     FurtherCalls,
     Relevance,
     Review,
@@ -277,6 +277,7 @@ class _SharedLlama:
     ) -> AssistantMessage:
         """One turn, start to finish, holding the lock; `emit` gets each delta."""
         from functionary_agent.models import _llama_decode as decode
+        from functionary_agent.models._turn import run_turn
 
         with self.lock:
             llama = self._loaded()
@@ -294,7 +295,7 @@ class _SharedLlama:
             decoder = decode.Decoder(llama, sampler, pending=pending, budget=min(budget_cap, self.n_ctx - len(tokens)),
                                      emit=stream.feed, cancelled=cancelled)
             try:
-                decode.run_turn(decoder, plan)
+                run_turn(decoder, plan)
             finally:
                 sampler.close()
         usage = {"prompt_tokens": len(tokens), "completion_tokens": decoder.generated,
@@ -346,6 +347,7 @@ class _Stream:
 def _plan(fmt: Format, request: _TurnRequest) -> tuple[Any, Any, int]:
     """The request's call grammar and limits, its sampling settings, and its token budget."""
     from functionary_agent.models import _llama_decode as decode
+    from functionary_agent.models._turn import TurnPlan
 
     settings = request.settings
     grammar = fmt.call_grammar(request.tools, request.tool_choice)
@@ -353,7 +355,7 @@ def _plan(fmt: Format, request: _TurnRequest) -> tuple[Any, Any, int]:
         raise ConfigurationError(f"tool_choice={request.tool_choice!r} needs at least one tool")
     steer = bool(settings.get("steer", fmt.name in _SMALL_MODEL_FORMATS))
     max_items = int(settings.get("max_items", DEFAULT_MAX_ITEMS))
-    plan = decode.TurnPlan(
+    plan = TurnPlan(
         grammar=grammar,
         # the protocol's markers end free text even where no call may follow (tool_choice "none"): no call sneaks in
         triggers=tuple(dict.fromkeys([*grammar.triggers, *(marker for marker, _ in fmt.protocol.text_markers)])),

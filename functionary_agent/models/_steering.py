@@ -1,7 +1,10 @@
-"""Grounding: which argument values a conversation supports, for steering a small model (see `Review`).
+"""Steering a small model (`steer=True`, on by default for chatml-v3): the embedded engine's heuristics, kept apart
+from the decoder so a Functionary GGUF user can read decoding without them.
 
-A 135M model fills arguments from its prior rather than from what the user said; these checks are what the embedded
-engine uses to prefer values copied from the conversation and to drop or reject values that came from nowhere.
+A 135M model fills arguments from its prior rather than from what the user said, calls some tool for nearly any
+question, makes one call where the user listed several, and echoes the protocol or a tool result instead of
+answering. Here: grounding (`Evidence`, `Review`), which tools a request is about (`Relevance`), further calls for
+listed values (`FurtherCalls`), the copy bias (`CopyBias`) and how a text may open (`text_opening`).
 """
 
 from __future__ import annotations
@@ -327,3 +330,85 @@ def _like(original: Any, text: str) -> Any:
         number = float(text)
         return int(number) if isinstance(original, int) and number.is_integer() else number
     return text
+
+
+# A text segment may not open with the words a small model writes when it echoes the protocol instead of answering
+# (the `all` recipient, "Recipient:", "Available functions", a traceback). Measured on the prompts of
+# benchmarks/embedded_decisions.py under tool_choice "none": 4.7 % of answers echoed the protocol or were empty with
+# this ban, 17.2 % with none, 14.1 % with the earlier rule (a capital first letter, Python literals banned), which
+# also refused answers such as "8 legs.".
+_NOT_PROSE = ("All", "all", "ALL", "Available", "Trace", "Traceback", "Recipient", "Output")
+# Right after a tool result the model mistakes itself for the tool: it copies the result's JSON, a date, or answers
+# "True" / "None" for ever (seen on the README's own weather example). There the answer must open like a sentence:
+# a capital or non-ASCII letter, and not a Python literal.
+_SENTENCE_START = "root ::= ([A-Z] | [^\\x00-\\x7f]) [^\\x00]*"
+_LITERALS = ("True", "False", "None", "Null")
+
+
+def text_opening(*, after_result: bool) -> tuple[tuple[str, ...], str | None]:
+    """What a steered text segment may not open with, and the grammar its first token follows (None: any)."""
+    if after_result:
+        return (*_NOT_PROSE, *_LITERALS), _SENTENCE_START
+    return _NOT_PROSE, None
+
+
+class CopyBias:
+    """Favours argument values copied from the conversation (`source`: the user's, system and tool messages).
+
+    A small model fills arguments from its prior (the example in a description, a round number). Adding `bias` to the
+    logits of the tokens that begin a word of the source (at the start of a string value) or finish a word or number
+    of the source that the value has begun makes it copy what the user said instead; a string that would begin like
+    a name or a quoted example of the tool descriptions (`examples`) that the conversation never used gets `bias`
+    taken off. Where the
+    value already is a whole word or number of the source, nothing is favoured: going on is the model's call.
+    """
+
+    def __init__(self, llama: Any, source: str, bias: float, examples: str = "") -> None:
+        self._llama = llama
+        self._bias = bias
+        self._text = source
+        self._lower = source.lower()
+        self._word_starts = [m.start() for m in re.finditer(r"(?<![\w])\w", source)]
+        self._numbers = numbers_in(source)
+        self._first: dict[str, int | None] = {}
+        known = set(re.findall(r"\w+", self._lower))
+        named = re.findall(r"\b[A-Z]\w{2,}", examples) + re.findall(r"[\"']([^\"'\n]{3,40})[\"']", examples)
+        unsaid = {word for word in named if word.lower() not in known}
+        starts = {t for t in map(self._first_token, unsaid) if t is not None}
+        self._unsaid = sorted(starts - set(self._string_tokens("")))
+
+    def logits(self, kind: str, written: str) -> tuple[list[int], list[float]]:
+        """The tokens to favour (or, with a negative value, disfavour) next, and by how much."""
+        if kind == "string":
+            favoured = self._string_tokens(written)
+            if not written:  # a value that begins like a word of the tool descriptions the user never said
+                return [*favoured, *self._unsaid], [self._bias] * len(favoured) + [-self._bias] * len(self._unsaid)
+            return favoured, [self._bias] * len(favoured)
+        if kind == "start":  # a number begins like one the conversation states (the grammar says if one fits)
+            favoured = sorted({t for t in map(self._first_token, self._numbers) if t is not None})
+            return favoured, [self._bias] * len(favoured)
+        if kind == "number" and written not in self._numbers:
+            rests = {number[len(written) :] for number in self._numbers if number.startswith(written)}
+            favoured = sorted(t for t in map(self._first_token, rests) if t is not None)
+            return favoured, [self._bias] * len(favoured)
+        return [], []
+
+    def _string_tokens(self, written: str) -> list[int]:
+        key = written.lower()
+        found = set()
+        for at in self._word_starts:
+            if not self._lower.startswith(key, at):
+                continue
+            end = at + len(written)
+            inside_word = end < len(self._text) and self._text[end].isalnum() and (not written or written[-1].isalnum())
+            if inside_word:
+                token = self._first_token(self._text[end : end + 24])
+                if token is not None:
+                    found.add(token)
+        return sorted(found)
+
+    def _first_token(self, text: str) -> int | None:
+        if text not in self._first:
+            tokens = self._llama.tokenize(text.encode(), add_bos=False, special=False) if text else []
+            self._first[text] = tokens[0] if tokens else None
+        return self._first[text]
