@@ -13,7 +13,7 @@ from functionary_agent import ConfigurationError, Conversation
 from functionary_agent.errors import CloseError, ConversationBusyError, FunctionaryAgentError
 from functionary_agent.events import Event, FinalAnswer, ToolCallArgumentsDelta, ToolCallStarted, ToolResult
 from functionary_agent.models import embedded_model
-from functionary_agent.models.base import AssistantMessage, ChatModel, StreamItem, ToolCall, ToolChoice
+from functionary_agent.models.base import AssistantMessage, ChatModel, StreamItem, ToolCall
 from functionary_agent.testing import ScriptedModel
 
 # -- one run at a time -----------------------------------------------------------------------------------
@@ -111,14 +111,7 @@ def test_a_single_close_failure_is_raised_as_it_is_after_closing_the_rest() -> N
 class IndexlessModel(ChatModel):
     """Streams tool calls the way some servers do: no `index`, ids only on some deltas."""
 
-    async def astream(
-        self,
-        messages: Sequence[Mapping[str, Any]],
-        *,
-        tools: Sequence[Mapping[str, Any]] = (),
-        tool_choice: ToolChoice = "auto",
-        **settings: Any,
-    ) -> AsyncIterator[StreamItem]:
+    async def astream(self, messages: Sequence[Mapping[str, Any]], **request: Any) -> AsyncIterator[StreamItem]:
         if messages[-1]["role"] == "tool":
             yield {"content": "both echoed"}
             yield AssistantMessage("both echoed")
