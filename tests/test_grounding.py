@@ -136,3 +136,7 @@ def test_further_calls_cover_each_listed_value_once() -> None:
     assert FurtherCalls("What is the weather in Paris?")("get_weather", '{"city": "Paris"}') is None
     amounts = FurtherCalls("Convert 20 GBP and 35 GBP to euros.")
     assert json.loads(amounts("convert", '{"amount": 20, "to": "EUR"}') or "") == {"amount": 35, "to": "EUR"}
+    floats = FurtherCalls("Convert 20 GBP and 35 GBP to euros.")  # 20.0 is the 20 of the text: no third call
+    second = floats("convert", '{"amount": 20.0, "to": "EUR"}')
+    assert second is not None and json.loads(second) == {"amount": 35.0, "to": "EUR"}
+    assert floats("convert", second) is None

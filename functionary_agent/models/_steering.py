@@ -256,8 +256,7 @@ def listed_with(text: str, value: Any) -> list[str]:
     for match in re.finditer(rf"(?<![\w.@])({re.escape(_spelled(value))})(?![\w@])", text, flags=re.IGNORECASE):
         unit = re.match(r"\s+([A-Za-z]+)", text[match.end(1):]) if entity == _NUMBER_TEXT else None
         found += _walk(text, match.start(1), match.end(1), entity, unit.group(1) if unit else "")
-    unique = [item for item in dict.fromkeys(found) if item.lower() != str(value).lower()]
-    return unique
+    return [item for item in dict.fromkeys(found) if item.lower() != _spelled(value).lower()]
 
 
 def _entity_pattern(value: Any) -> str | None:
@@ -315,10 +314,10 @@ class FurtherCalls:
         if not isinstance(value, dict):
             return None
         for key, item in value.items():
-            self._used.add((name, key, str(item).lower()))
+            self._used.add((name, key, _spelled(item).lower()))
         for key, item in value.items():
             for sibling in listed_with(self._request, item):
-                if (name, key, sibling.lower()) not in self._used:
+                if (name, key, _spelled(_like(item, sibling)).lower()) not in self._used:
                     replaced = {**value, key: _like(item, sibling)}
                     return json.dumps(replaced, ensure_ascii=False)
         return None
