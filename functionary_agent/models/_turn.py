@@ -131,31 +131,20 @@ def _open(decoder: Decoder, openers: Mapping[str, CallSpec | None], may_stop: bo
 
 
 def _first_openers(decoder: Decoder, plan: TurnPlan, openers: Mapping[str, CallSpec | None]) -> Any:
-    """Calls first: to the candidate tools, or to any tool when none is a candidate but the model strongly prefers
-    a call to text at this point."""
-    candidates, text = plan.candidates, _text_opener(openers)
-    if candidates is None or plan.strong_call is None or text is None:
-        return _calls_first(openers, candidates)
-    calls = [opener for opener, target in openers.items() if target is not None and target.parameters is not None]
-    named = any(target is not None and target.name in candidates for target in openers.values())
-    if calls and not named and decoder.preference(calls, text) >= plan.strong_call:
-        candidates = None
-    return _calls_first(openers, candidates)
-
-
-def _calls_first(
-    openers: Mapping[str, CallSpec | None], candidates: frozenset[str] | None
-) -> Mapping[str, CallSpec | None]:
-    """Where text is among `openers`: the JSON calls to the candidate tools (the review falls back to text), or
-    text alone when no candidate is there."""
+    """Calls first, where text could come first too: the JSON calls to the candidate tools; when none is a
+    candidate, to any tool if the model strongly prefers a call to text here, else text alone."""
     text = _text_opener(openers)
-    if text is None:
+    calls = {k: v for k, v in openers.items() if v is not None and v.parameters is not None}
+    if text is None or not calls:
         return openers
-    json_calls = {k: v for k, v in openers.items() if v is not None and v.parameters is not None}
-    chosen = {k: v for k, v in json_calls.items() if candidates is None or (v is not None and v.name in candidates)}
+    if plan.candidates is None:
+        return calls
+    chosen = {k: v for k, v in calls.items() if v is not None and v.name in plan.candidates}
     if chosen:
         return chosen
-    return {text: None} if json_calls and candidates is not None else openers
+    if plan.strong_call is not None and decoder.preference(list(calls), text) >= plan.strong_call:
+        return calls
+    return {text: None}
 
 
 def _text_opener(openers: Mapping[str, CallSpec | None]) -> str | None:
