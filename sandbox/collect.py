@@ -17,8 +17,8 @@ from .workdir import IMAGE_TYPES, ImageSaver
 
 logger = logging.getLogger(__name__)
 
-_SLACK = 256
-MAX_IMAGES_PER_CELL = 20  # room for the kernel's own omission marker, so one cut never becomes two
+_SLACK = 256  # room for the kernel's own omission marker, so one cut never becomes two
+MAX_IMAGES_PER_CELL = 20  # checked here, on the host: a hostile kernel can publish as many as it likes
 
 
 class OutputCollector:

@@ -100,6 +100,7 @@ class KernelProcess:
         s = self.settings
         if s.isolation.process_limit == "pids cgroup" and s.cgroup_root is not None:
             self.cgroup = create_pids_cgroup(s.cgroup_root, s.max_processes + _HELPER_PROCESSES)
+        self._make_runtime_folders()
         config = self._launch_config()
         (self.runtime / "launch.json").write_text(json.dumps(config))
         spec = KernelSpec(
@@ -113,7 +114,7 @@ class KernelProcess:
             kernel_name="sandbox",
             kernel_spec_manager=_OneSpec(spec),
             transport="ipc",
-            connection_file=str(self._kernel_dir() / "kernel.json"),
+            connection_file=str(self.runtime / "kernel" / "kernel.json"),
             context=context,
         )
         await self._manager.start_kernel(
@@ -124,21 +125,20 @@ class KernelProcess:
         self._client = self._manager.client(context=context)
         self._client.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)
 
-    def _kernel_dir(self) -> Path:
-        """The only part of the runtime folder the kernel sees: its connection file and sockets. Mode 0700 and
-        owned by the kernel's uid, so no other sandbox (another uid, another mount namespace) can read the key."""
-        path = self.runtime / "kernel"
-        if not path.exists():
-            path.mkdir(mode=0o700)
-            iso = self.settings.isolation
-            if iso.contained and os.geteuid() == 0:
-                os.chown(path, iso.uid, iso.gid)
-        return path
+    def _make_runtime_folders(self) -> None:
+        """`kernel/` is the only part of the runtime folder the kernel sees (its connection file and sockets): mode
+        0700 and owned by the kernel's uid, so no other sandbox (another uid, another mount namespace) can read the
+        key. `root/` is where the launcher builds the kernel's file system."""
+        kernel = self.runtime / "kernel"
+        kernel.mkdir(mode=0o700)
+        iso = self.settings.isolation
+        if iso.contained and os.geteuid() == 0:
+            os.chown(kernel, iso.uid, iso.gid)
+        (self.runtime / "root").mkdir(mode=0o700)
 
     def _launch_config(self) -> dict[str, Any]:
         s, iso = self.settings, self.settings.isolation
-        (self.runtime / "root").mkdir(mode=0o700, exist_ok=True)
-        home = "/tmp" if iso.contained else str(self._kernel_dir())
+        home = "/tmp" if iso.contained else str(self.runtime / "kernel")
         config = launch_config(
             iso.mode, network=not iso.network_blocked, workdir=s.workdir, runtime=self.runtime, python=s.python,
             ids=(iso.uid, iso.gid),
