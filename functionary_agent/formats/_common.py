@@ -143,20 +143,17 @@ def in_call_order(messages: Iterable[Mapping[str, Any]]) -> list[Mapping[str, An
     `tool_call_id`), as upstream reorders them before rendering. Results without an id, or with an id of no call
     of that turn, keep their relative order after the matched ones. Nothing is dropped or repeated."""
     ordered = list(messages)
-    index = 0
-    while index < len(ordered):
-        calls = ordered[index].get("tool_calls") if ordered[index].get("role") == "assistant" else None
-        index += 1
-        end = index
+    for start, message in enumerate(ordered):
+        calls = message.get("tool_calls") if message.get("role") == "assistant" else None
+        if not calls:
+            continue
+        end = start + 1
         while end < len(ordered) and ordered[end].get("role") in ("tool", "function"):
             end += 1
-        if calls:
-            position = {str(call.get("id")): n for n, call in enumerate(calls) if isinstance(call, Mapping)}
-            unmatched = len(position)
-            ordered[index:end] = sorted(
-                ordered[index:end], key=lambda result: position.get(str(result.get("tool_call_id")), unmatched)
-            )
-        index = max(end, index)
+        position = {str(call.get("id")): n for n, call in enumerate(calls) if isinstance(call, Mapping)}
+        ordered[start + 1 : end] = sorted(  # stable: unmatched results keep their order, after the matched ones
+            ordered[start + 1 : end], key=lambda result: position.get(str(result.get("tool_call_id")), len(position))
+        )
     return ordered
 
 

@@ -30,8 +30,8 @@ class FunctionaryRenderer(HfRenderer):
         conversation = [plain_data(message) for message in messages]
         kwargs = params.chat_template_kwargs or {}
         tools = kwargs.get("tools")
-        # vLLM passes no tool_choice without tools, where the request's own default is "none": text, as parsed
-        choice = params.tool_choice if params.tool_choice is not None else ("auto" if tools else "none")
+        # vLLM passes no tool_choice without tools; `render` treats a request without tools as "none" itself
+        choice = params.tool_choice if params.tool_choice is not None else "auto"
         text = self.format.render(
             conversation,
             tools,
