@@ -10,12 +10,15 @@ from functionary_agent.errors import (
     ConfigurationError,
     ConversationBusyError,
     FunctionaryAgentError,
+    LimitExceeded,
     MaxTurnsExceeded,
     ModelError,
     ToolDefinitionError,
+    UsageLimitExceeded,
 )
 from functionary_agent.models.base import AssistantMessage, ChatModel, ToolCall
 from functionary_agent.tools import Tool, tool
+from functionary_agent.usage import Limits, Usage
 
 if TYPE_CHECKING:
     from functionary_agent.models.embedded import EmbeddedModel
@@ -30,12 +33,16 @@ __all__ = [
     "ConversationBusyError",
     "EmbeddedModel",
     "FunctionaryAgentError",
+    "LimitExceeded",
+    "Limits",
     "MaxTurnsExceeded",
     "ModelError",
     "OpenAICompatibleModel",
     "Tool",
     "ToolCall",
     "ToolDefinitionError",
+    "Usage",
+    "UsageLimitExceeded",
     "tool",
 ]
 

@@ -67,7 +67,9 @@ class PythonTool(Tool):
             result = await self.sandbox.aexecute(code)
         except Exception as exc:  # a sandbox that cannot start or was closed: the model should hear why
             return ToolOutcome(f"Error: the code interpreter failed: {exc}", True, time.perf_counter() - started)
-        return ToolOutcome(result.to_model_text(), not result.ok, time.perf_counter() - started)
+        # a timeout or a dead kernel may not recur on a retry; an exception of the code itself will
+        transient = result.timed_out or result.kernel_died
+        return ToolOutcome(result.to_model_text(), not result.ok, time.perf_counter() - started, transient)
 
     async def aclose(self) -> None:
         if self.owns_sandbox:

@@ -1,5 +1,6 @@
 """How texts are cut and compacted for people and models: one rule each, used by tools, OpenAPI, the terminal and
-the notebook. (The code interpreter keeps head *and* tail inside its kernel: see `sandbox.output`.)"""
+the notebook. Long tool results keep their head and tail around the same marker the code interpreter writes inside
+its kernel (`sandbox.output.omitted_marker`), so the model meets one wording for "something was cut here"."""
 
 from __future__ import annotations
 
@@ -16,6 +17,20 @@ def cut(text: str, limit: int) -> str:
     if len(text) <= limit:
         return text
     return f"{text[:limit]}… [{len(text) - limit} more characters not shown]"
+
+
+def omitted_marker(count: int) -> str:
+    """The line that stands where a result was cut; word for word the code interpreter's (a test holds them equal)."""
+    return f"\n… {count} characters omitted …\n"
+
+
+def head_and_tail(text: str, limit: int) -> str:
+    """At most about `limit` characters: the first and last halves, with the marker saying how much was cut."""
+    if len(text) <= limit:
+        return text
+    head = limit // 2
+    tail = limit - head
+    return text[:head] + omitted_marker(len(text) - limit) + text[len(text) - tail :]
 
 
 def compact_json(arguments: str) -> str:

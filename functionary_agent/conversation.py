@@ -13,8 +13,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import pydantic
 
 from functionary_agent import _sync
-from functionary_agent._calls import CANCELLED, call_key, run_calls, tool_message
+from functionary_agent._calls import CANCELLED, CallRunner, tool_message
+from functionary_agent._context import ContextBudget, HistoryHook
 from functionary_agent._interpreter import PythonTool, is_code_interpreter
+from functionary_agent._repeats import RepeatGuard
+from functionary_agent._tracing import RunTracer, model_label
 from functionary_agent.errors import (
     CloseError,
     ConfigurationError,
@@ -33,13 +36,15 @@ from functionary_agent.events import (
 )
 from functionary_agent.models import embedded_model
 from functionary_agent.models.base import AssistantMessage, ChatModel, ToolCall, ToolChoice, stream_call_index
-from functionary_agent.tools import Tool
+from functionary_agent.tools import Tool, check_result_limit
+from functionary_agent.usage import Limits, Usage
 
 if TYPE_CHECKING:
     from sandbox import KernelSandbox
 
 Content = str | list[dict[str, Any]] | None
 _SAVE_FORMAT = "functionary-agent/conversation"
+DEFAULT_MAX_RESULT_CHARS = 20_000
 
 
 class Conversation:
@@ -66,13 +71,20 @@ class Conversation:
         parallel_tool_calls: bool = True,
         max_concurrency: int | None = None,
         code_interpreter: bool | KernelSandbox | Mapping[str, Any] = False,
+        limits: Limits | None = None,
+        max_result_chars: int | None = DEFAULT_MAX_RESULT_CHARS,
+        context_window: int | None = None,
+        history: HistoryHook | None = None,
+        trace_content: bool = False,
         **settings: Any,
     ) -> None:
-        if max_turns < 1:
-            raise ConfigurationError(f"max_turns must be at least 1, got {max_turns}")
-        if max_concurrency is not None and max_concurrency < 1:
-            raise ConfigurationError(f"max_concurrency must be at least 1 or None, got {max_concurrency}")
+        _check_run_controls(max_turns, max_concurrency, limits, context_window, history)
         self.model, self._owns_model = _resolve_model(model, base_url, api_key)  # close only what we created
+        self.limits = limits or Limits()
+        self.max_result_chars = check_result_limit(max_result_chars, "max_result_chars")
+        self.trace_content = trace_content
+        self.last_usage, self._past_usage = Usage(), Usage()
+        self._context = ContextBudget(self.model, context_window, history)
         self.messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
         self.tool_choice = tool_choice
         self.max_turns = max_turns
@@ -100,15 +112,20 @@ class Conversation:
         description: str | None = None,
         parameter_schema: type[pydantic.BaseModel] | dict[str, Any] | None = None,
         timeout: float | None = None,
+        max_result_chars: int | None = None,
     ) -> Any:
         """Make `fn` a tool of this conversation: `@chat.register`, `@chat.register(name=...)` or
-        `chat.register(fn)`. Returns `fn` unchanged, so decorated functions stay plain functions."""
+        `chat.register(fn)`. Returns `fn` unchanged, so decorated functions stay plain functions.
+        `max_result_chars` bounds this tool's results (head and tail kept); None: the conversation's bound."""
 
         def add(func: Callable[..., Any] | Tool) -> Any:
-            if isinstance(func, Tool) and not (name or description or parameter_schema or timeout):
+            if isinstance(func, Tool) and not (name or description or parameter_schema or timeout or max_result_chars):
                 new = func
             else:
-                new = Tool.from_function(func, name, description, parameter_schema=parameter_schema, timeout=timeout)
+                new = Tool.from_function(
+                    func, name, description, parameter_schema=parameter_schema, timeout=timeout,
+                    max_result_chars=max_result_chars,
+                )
             if new.name in self._tools:
                 raise ToolDefinitionError(f"a tool named {new.name!r} is already registered; pass name=... to rename")
             self._tools[new.name] = new
@@ -191,33 +208,34 @@ class Conversation:
         with self._running_alone():
             if content is not None:
                 self.messages.append({"role": "user", "content": content})
+            self._past_usage, self.last_usage = self.usage, Usage()
+            tracer = RunTracer(model_label(self.model), content=self.trace_content)
+            runner = CallRunner(self._tools, RepeatGuard(), tracer, self.max_concurrency, self.max_result_chars)
             tool_choice = self.tool_choice
-            answered: dict[tuple[str, str], str] = {}  # the repeat guard: identical calls already answered
-            for _ in range(self.max_turns):
-                message = None
-                async with _closing(self._ask(tool_choice, stream)) as turn:
-                    async for item in turn:
-                        if isinstance(item, AssistantMessage):
-                            message = item
-                        else:
-                            yield item
-                if message is None:
-                    raise ModelError(f"{type(self.model).__name__} ended its stream without an assistant message")
-                self.messages.append(message.to_dict())
-                if not message.tool_calls:
-                    yield FinalAnswer(message.content or "")
-                    return
-                results: dict[int, ToolResult] = {}
-                running = run_calls(message.tool_calls, self._tools, answered, results, self.max_concurrency)
-                try:
-                    async with _closing(running):
+            with tracer.run_span() as run_span:
+                for _ in range(self.max_turns):
+                    self.limits.check_request(self.last_usage)
+                    message = None
+                    async with _closing(self._ask(tool_choice, stream, tracer)) as turn:
+                        async for item in turn:
+                            if isinstance(item, AssistantMessage):
+                                message = item
+                            else:
+                                yield item
+                    if message is None:
+                        raise ModelError(f"{type(self.model).__name__} ended its stream without an assistant message")
+                    self.last_usage.add_response(message.usage)
+                    run_span.finish(self.last_usage)
+                    self.messages.append(message.to_dict())
+                    if not message.tool_calls:
+                        yield FinalAnswer(message.content or "")
+                        return
+                    results: dict[int, ToolResult] = {}
+                    async with _closing(self._call(message.tool_calls, runner, results)) as running:
                         async for result in running:
                             yield result
-                finally:
-                    self._record_results(message.tool_calls, results, answered)
-                repeats_only = all(result.repeated for result in results.values())
-                tool_choice = "none" if repeats_only else "auto"
-            raise MaxTurnsExceeded(self.max_turns)
+                    tool_choice = "none" if all(result.repeated for result in results.values()) else "auto"
+                raise MaxTurnsExceeded(self.max_turns)
 
     @contextmanager
     def _running_alone(self) -> Iterator[None]:
@@ -233,33 +251,56 @@ class Conversation:
         finally:
             self._running = False
 
-    async def _ask(self, tool_choice: ToolChoice, stream: bool) -> AsyncIterator[Event | AssistantMessage]:
+    async def _ask(
+        self, tool_choice: ToolChoice, stream: bool, tracer: RunTracer
+    ) -> AsyncIterator[Event | AssistantMessage]:
         """One model turn; in stream mode its deltas become events, and the message comes last."""
         request: dict[str, Any] = {**self.settings, "tools": self.tool_specs(), "tool_choice": tool_choice}
         if not self.parallel_tool_calls:
             request["parallel_tool_calls"] = False
-        if not stream:
-            yield await self.model.acomplete(self.messages, **request)
-            return
-        call_ids: dict[int, str] = {}
-        async with _closing(self.model.astream(self.messages, **request)) as deltas:
-            async for item in deltas:
-                if isinstance(item, AssistantMessage):
-                    yield item
-                    continue
-                for event in _delta_events(item, call_ids):
-                    yield event
+        messages = await self._context.fit(self.messages, request["tools"], request)
+        with tracer.request_span(messages, tool_choice) as span:
+            if not stream:
+                message = await self.model.acomplete(messages, **request)
+                span.finish(message)
+                yield message
+                return
+            call_ids: dict[int, str] = {}
+            async with _closing(self.model.astream(messages, **request)) as deltas:
+                async for item in deltas:
+                    if isinstance(item, AssistantMessage):
+                        span.finish(item)
+                        yield item
+                        continue
+                    for event in _delta_events(item, call_ids):
+                        yield event
 
-    def _record_results(
-        self, calls: list[ToolCall], results: Mapping[int, ToolResult], answered: dict[tuple[str, str], str]
-    ) -> None:
-        """Tool messages in the model's call order; a call cut short by cancellation still gets one, so the
-        message list stays valid for the next request."""
-        for index, call in enumerate(calls):
-            result = results.get(index)
-            self.messages.append(tool_message(call, result.content if result else CANCELLED))
-            if result is not None and not result.is_error:
-                answered[call_key(call)] = result.content
+    async def _call(
+        self, calls: list[ToolCall], runner: CallRunner, results: dict[int, ToolResult]
+    ) -> AsyncIterator[ToolResult]:
+        """Run a turn's calls within the run's tool-call budget. Every call gets its tool message, in the model's
+        order, even one cut short by cancellation, so the message list stays valid for the next request."""
+        if not self.limits.calls_allowed(self.last_usage, len(calls)):
+            exceeded = self.limits.tool_calls_exceeded(self.last_usage, len(calls))
+            note = f"Error: not run: this run reached its tool-call limit ({exceeded.limit}={exceeded.value})"
+            self.messages += [tool_message(call, note) for call in calls]
+            raise exceeded
+        self.last_usage.tool_calls += len(calls)
+        running = runner.run(calls, results)
+        try:
+            async with _closing(running):
+                async for result in running:
+                    yield result
+        finally:
+            self.messages += [
+                tool_message(call, results[index].content if index in results else CANCELLED)
+                for index, call in enumerate(calls)
+            ]
+
+    @property
+    def usage(self) -> Usage:
+        """What this conversation has cost over its life (runs so far, the current one included)."""
+        return self._past_usage + self.last_usage
 
     # -- lifetime ----------------------------------------------------------------------------------------
     async def aclose(self) -> None:
@@ -367,6 +408,21 @@ def _delta_events(delta: Mapping[str, Any], call_ids: dict[int, str]) -> Iterato
             yield ToolCallStarted(index, call_ids[index], function.get("name", ""))
         if function.get("arguments"):
             yield ToolCallArgumentsDelta(index, call_ids[index], function["arguments"])
+
+
+def _check_run_controls(
+    max_turns: int, max_concurrency: int | None, limits: object, context_window: int | None, history: object
+) -> None:
+    if max_turns < 1:
+        raise ConfigurationError(f"max_turns must be at least 1, got {max_turns}")
+    if max_concurrency is not None and max_concurrency < 1:
+        raise ConfigurationError(f"max_concurrency must be at least 1 or None, got {max_concurrency}")
+    if limits is not None and not isinstance(limits, Limits):
+        raise ConfigurationError(f"limits must be a Limits(...), got {type(limits).__name__}")
+    if context_window is not None and (not isinstance(context_window, int) or context_window < 256):
+        raise ConfigurationError(f"context_window must be at least 256 tokens (or None), got {context_window!r}")
+    if history is not None and not callable(history):
+        raise ConfigurationError(f"history must be a function of the messages, got {type(history).__name__}")
 
 
 def _read_saved_messages(path: Path) -> list[dict[str, Any]]:

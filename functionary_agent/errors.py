@@ -26,15 +26,40 @@ class ModelError(FunctionaryAgentError):
     """The model or its server failed in a way retries did not fix."""
 
 
-class MaxTurnsExceeded(FunctionaryAgentError):
+class LimitExceeded(FunctionaryAgentError):
+    """A run reached one of its limits; `limit` names it, `value` is its setting and `reached` what the run got
+    to. Every message so far is kept on the conversation: raise the limit and `submit()` again to go on."""
+
+    def __init__(self, limit: str, value: int, reached: int, message: str) -> None:
+        super().__init__(message)
+        self.limit, self.value, self.reached = limit, value, reached
+
+
+class MaxTurnsExceeded(LimitExceeded):
     """The model kept calling tools past `max_turns`; the messages so far are kept on the conversation."""
 
     def __init__(self, max_turns: int) -> None:
         super().__init__(
+            "max_turns",
+            max_turns,
+            max_turns,
             f"the model was still calling tools after max_turns={max_turns} turns; "
-            "raise max_turns or inspect conversation.messages"
+            "raise max_turns or inspect conversation.messages",
         )
         self.max_turns = max_turns
+
+
+class UsageLimitExceeded(LimitExceeded):
+    """A run reached one of its `Limits` (max_requests, max_tool_calls, max_total_tokens)."""
+
+    def __init__(self, limit: str, value: int, reached: int) -> None:
+        super().__init__(
+            limit,
+            value,
+            reached,
+            f"this run reached its limit {limit}={value} ({reached} so far); every message is kept: raise the limit "
+            "(chat.limits = Limits(...)) and call submit() again to go on",
+        )
 
 
 class FormatError(FunctionaryAgentError, ValueError):

@@ -20,7 +20,7 @@ import time
 import typing
 import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Any, TypeVar, overload
 
 import docstring_parser
@@ -30,7 +30,7 @@ from pydantic.fields import FieldInfo
 
 from functionary_agent._schema import clean_schema
 from functionary_agent._text import shorten
-from functionary_agent.errors import ToolDefinitionError
+from functionary_agent.errors import ConfigurationError, ToolDefinitionError
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class ToolOutcome:
     content: str
     is_error: bool = False
     duration: float = 0.0
+    transient: bool = False  # a fault that may pass (a timeout, a lost connection): an identical retry may work
 
 
 @dataclass(frozen=True)
@@ -72,12 +73,14 @@ class Tool:
         handler: Callable[..., Any],
         *,
         timeout: float | None = None,
+        max_result_chars: int | None = None,
         _arguments_model: type[pydantic.BaseModel] | None = None,
         _params: tuple[_Param, ...] | None = None,
     ) -> None:
         _check_name(name, handler)
         if timeout is not None and timeout <= 0:
             raise ToolDefinitionError(f"tool {name!r}: timeout must be positive seconds, got {timeout!r}")
+        self.max_result_chars = check_result_limit(max_result_chars, f"tool {name!r}: max_result_chars")
         self.name = name
         self.description = description
         self.parameters = parameters
@@ -96,8 +99,10 @@ class Tool:
         *,
         parameter_schema: type[pydantic.BaseModel] | dict[str, Any] | None = None,
         timeout: float | None = None,
+        max_result_chars: int | None = None,
     ) -> Tool:
-        """A tool from a function's signature and docstring (or from `parameter_schema`, chatlab style)."""
+        """A tool from a function's signature and docstring (or from `parameter_schema`, chatlab style).
+        `max_result_chars` bounds what the model reads back (head and tail kept); None: the conversation's."""
         if isinstance(fn, Tool):
             fn = fn.handler
         if not callable(fn):
@@ -109,14 +114,20 @@ class Tool:
         if description is None:
             description = "\n\n".join(p for p in (doc.short_description, doc.long_description) if p)
         if isinstance(parameter_schema, dict):
-            return cls(name, description, clean_schema(parameter_schema), fn, timeout=timeout)
+            return cls(
+                name, description, clean_schema(parameter_schema), fn, timeout=timeout,
+                max_result_chars=max_result_chars,
+            )
         if parameter_schema is not None:
             params = tuple(_Param(f, f, False) for f in parameter_schema.model_fields)
             model: type[pydantic.BaseModel] = parameter_schema
         else:
             model, params = _signature_model(fn, name, {p.arg_name: p.description for p in doc.params})
         schema = _json_schema(model, fn, name)
-        return cls(name, description, schema, fn, timeout=timeout, _arguments_model=model, _params=params)
+        return cls(
+            name, description, schema, fn, timeout=timeout, max_result_chars=max_result_chars,
+            _arguments_model=model, _params=params,
+        )
 
     @classmethod
     def from_openai(cls, spec: Mapping[str, Any], handler: Callable[..., Any], *, timeout: float | None = None) -> Tool:
@@ -157,11 +168,12 @@ class Tool:
         except _CallFault as fault:
             outcome = ToolOutcome(f"Error: {fault}", is_error=True)
         except _TimedOut:
-            outcome = ToolOutcome(f"Error: {self.name} timed out after {self.timeout:g} s", is_error=True)
+            outcome = ToolOutcome(f"Error: {self.name} timed out after {self.timeout:g} s", True, transient=True)
         except Exception as exc:  # the tool's own failure is news for the model, not a crash of the run
             logger.debug("tool %s raised", self.name, exc_info=True)
-            outcome = ToolOutcome(f"Error: {self.name} raised {type(exc).__name__}: {exc}", is_error=True)
-        return ToolOutcome(outcome.content, outcome.is_error, time.perf_counter() - started)
+            text = f"Error: {self.name} raised {type(exc).__name__}: {exc}"
+            outcome = ToolOutcome(text, is_error=True, transient=_passes(exc))
+        return replace(outcome, duration=time.perf_counter() - started)
 
     def _bind(self, arguments: str | Mapping[str, Any] | None) -> tuple[list[Any], dict[str, Any]]:
         raw = parse_arguments(arguments)
@@ -201,6 +213,19 @@ class Tool:
             raise
 
 
+def _passes(exc: Exception) -> bool:
+    """Whether a tool's exception may pass on its own: timeouts, lost connections, and any exception that says so
+    with a true `transient` attribute (the MCP and OpenAPI integrations mark theirs)."""
+    return isinstance(exc, (TimeoutError, ConnectionError)) or getattr(exc, "transient", False) is True
+
+
+def check_result_limit(value: int | None, what: str) -> int | None:
+    """A limit on result characters: None, or an int of at least 100 (less leaves the model nothing to read)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 100):
+        raise ConfigurationError(f"{what} must be an int of at least 100 (or None), got {value!r}")
+    return value
+
+
 class _CallFault(Exception):
     """Arguments the model must fix; the message is written for the model."""
 
@@ -213,7 +238,11 @@ class _TimedOut(Exception):
 def tool(fn: Callable[..., Any], /) -> Tool: ...
 @overload
 def tool(
-    *, name: str | None = None, description: str | None = None, timeout: float | None = None
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    timeout: float | None = None,
+    max_result_chars: int | None = None,
 ) -> Callable[[Callable[..., Any]], Tool]: ...
 def tool(
     fn: Callable[..., Any] | None = None,
@@ -222,11 +251,12 @@ def tool(
     name: str | None = None,
     description: str | None = None,
     timeout: float | None = None,
+    max_result_chars: int | None = None,
 ) -> Tool | Callable[[Callable[..., Any]], Tool]:
     """Mark a function as a tool: `@tool` or `@tool(name=..., timeout=...)`. The result is still callable."""
 
     def wrap(func: Callable[..., Any]) -> Tool:
-        return Tool.from_function(func, name, description, timeout=timeout)
+        return Tool.from_function(func, name, description, timeout=timeout, max_result_chars=max_result_chars)
 
     return wrap(fn) if fn is not None else wrap
 

@@ -50,7 +50,10 @@ class MCPToolError(Exception):
 
 
 class MCPServerError(Exception):
-    """The server could not be asked: a protocol error, a lost connection, a closed session."""
+    """The server could not be asked: a protocol error, a lost connection, a closed session. Such a fault may pass,
+    so the conversation lets the model retry an identical call (`transient`)."""
+
+    transient = True
 
 
 class MCPConnection:

@@ -64,7 +64,12 @@ _MAX_DEPTH = 100  # levels of nested schemas and $refs
 
 
 class HTTPCallError(Exception):
-    """A call the service refused (non-2xx) or that never reached it; the message is written for the model."""
+    """A call the service refused (non-2xx) or that never reached it; the message is written for the model.
+    `transient`: the fault may pass (a network failure, 408, 429, 5xx), so an identical retry is allowed."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class _Unsupported(Exception):
@@ -188,11 +193,13 @@ class OpenAPITools:
         except RequestRefused as exc:
             raise HTTPCallError(f"{method} {request.url}: {exc}") from exc
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
-            raise HTTPCallError(f"{method} {request.url} failed: {type(exc).__name__}: {exc}") from exc
+            message = f"{method} {request.url} failed: {type(exc).__name__}: {exc}"
+            raise HTTPCallError(message, transient=isinstance(exc, httpx.TransportError)) from exc
         if not response.is_success:
             raise HTTPCallError(
                 f"{method} {request.url} returned HTTP {response.status_code} {response.reason_phrase}: "
-                f"{cut(response.text, _ERROR_BODY_CHARS) or '(empty body)'}"
+                f"{cut(response.text, _ERROR_BODY_CHARS) or '(empty body)'}",
+                transient=response.status_code in (408, 429) or response.status_code >= 500,
             )
         text = response.text
         if not text:

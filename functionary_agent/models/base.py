@@ -70,10 +70,19 @@ class AssistantMessage:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AssistantMessage:
         calls = [c if isinstance(c, ToolCall) else ToolCall.from_dict(c) for c in data.get("tool_calls") or ()]
-        return cls(content=data.get("content"), tool_calls=calls, finish_reason=data.get("finish_reason"))
+        usage = data.get("usage")
+        usage = dict(usage) if isinstance(usage, Mapping) else None
+        return cls(data.get("content"), calls, data.get("finish_reason"), usage)
 
 
 StreamItem = Delta | AssistantMessage
+CHARS_PER_TOKEN = 3
+
+
+def estimate_tokens(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] = ()) -> int:
+    """A cautious token count for engines without a tokenizer: one token per `CHARS_PER_TOKEN` characters of JSON."""
+    text = json.dumps([list(messages), list(tools)], ensure_ascii=False, default=str)
+    return -(-len(text) // CHARS_PER_TOKEN)
 
 
 def stream_call_index(open_calls: Mapping[int, str | None], call_id: str | None) -> int:
@@ -186,6 +195,19 @@ class ChatModel:
         **settings: Any,
     ) -> Iterator[StreamItem]:
         return _sync.iterate(self.astream(messages, tools=tools, tool_choice=tool_choice, **settings))
+
+    async def acontext_window(self) -> int | None:
+        """How many tokens the model's context holds (prompt and answer together), or None when unknown; the
+        conversation trims requests to fit only when it knows."""
+        return None
+
+    async def acount_tokens(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] = ()
+    ) -> int:
+        """How many tokens the prompt of this request takes. Engines with a tokenizer count exactly; this default
+        estimates one token per `CHARS_PER_TOKEN` characters of the request's JSON, a cautious figure for English
+        and code under the usual BPE tokenizers (more tokens than that per character is rare)."""
+        return estimate_tokens(messages, tools)
 
     async def aclose(self) -> None:
         """Release connections or engines; the default holds none."""

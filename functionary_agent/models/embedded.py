@@ -156,6 +156,15 @@ class EmbeddedModel(ChatModel):
         """Forget every evaluated prefix (the context and the parked states): the next turn starts cold."""
         self._engine.clear()
 
+    async def acontext_window(self) -> int:
+        return self.n_ctx
+
+    async def acount_tokens(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] = ()
+    ) -> int:
+        """The exact prompt length, rendered and tokenized as a request would be (this loads the model)."""
+        return await asyncio.to_thread(self._engine.count_tokens, self.format_name, list(messages), list(tools))
+
     async def astream(
         self,
         messages: Sequence[Mapping[str, Any]],
@@ -272,6 +281,13 @@ class _SharedLlama:
             self._llama = llama
         return self._llama
 
+    def count_tokens(
+        self, format_name: str | None, messages: list[Mapping[str, Any]], tools: list[Mapping[str, Any]]
+    ) -> int:
+        with self.lock:
+            llama = self._loaded()
+            return len(_prompt_tokens(llama, get_format(format_name or self._format or ""), messages, tools, "auto"))
+
     def run(
         self, format_name: str | None, request: _TurnRequest, emit: Callable[[Any], None], cancelled: Callable[[], bool]
     ) -> AssistantMessage:
@@ -283,8 +299,7 @@ class _SharedLlama:
             llama = self._loaded()
             fmt = get_format(format_name or self._format or "")
             plan, sampling, budget_cap = _plan(fmt, request)
-            tokens = llama.tokenize(fmt.render(request.messages, request.tools, tool_choice=request.tool_choice)
-                                    .encode(), add_bos=True, special=True)
+            tokens = _prompt_tokens(llama, fmt, request.messages, request.tools, request.tool_choice)
             if len(tokens) >= self.n_ctx - 1:
                 raise ModelError(f"the prompt has {len(tokens)} tokens but the context holds {self.n_ctx}; "
                                  "pass a larger n_ctx or start a new conversation")
@@ -342,6 +357,13 @@ class _Stream:
         if length and finish_reason == "stop":
             finish_reason = "length"
         return replace(self._accumulator.message(finish_reason), usage=usage)
+
+
+def _prompt_tokens(
+    llama: Any, fmt: Format, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]], choice: Any
+) -> list[int]:
+    prompt = fmt.render(list(messages), list(tools), tool_choice=choice)
+    return list(llama.tokenize(prompt.encode(), add_bos=True, special=True))
 
 
 def _plan(fmt: Format, request: _TurnRequest) -> tuple[Any, Any, int]:

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import openai
@@ -85,6 +85,7 @@ class OpenAICompatibleModel(ChatModel):
         self._wait = _RetryAfterOrBackoff(backoff)
         self.settings = settings
         self._clients: dict[asyncio.AbstractEventLoop, openai.AsyncOpenAI] = {}
+        self._context_window: int | None = None  # asked once; 0: the server lists none
 
     def __repr__(self) -> str:
         return f"OpenAICompatibleModel(model={self.model!r}, base_url={self.base_url!r})"
@@ -113,6 +114,7 @@ class OpenAICompatibleModel(ChatModel):
     ) -> AsyncIterator[StreamItem]:
         request = await self._request(messages, tools, tool_choice, settings)
         # Only opening the stream is retried: once deltas have reached the caller, a retry would repeat them.
+        request.setdefault("stream_options", {"include_usage": True})  # the last chunk then carries the usage
         stream = await self._with_retries(lambda: self._client().chat.completions.create(**request, stream=True))
         normaliser, accumulator = _StreamNormaliser(), DeltaAccumulator()
         try:
@@ -128,7 +130,7 @@ class OpenAICompatibleModel(ChatModel):
         for delta in normaliser.finish():
             accumulator.add(delta)
             yield delta
-        yield accumulator.message(normaliser.finish_reason)
+        yield replace(accumulator.message(normaliser.finish_reason), usage=normaliser.usage)
 
     async def _next_chunk(self, stream: Any) -> Any:
         """The next chunk, or None at the end; any transport failure mid-stream is the server's fault."""
@@ -177,6 +179,28 @@ class OpenAICompatibleModel(ChatModel):
         if extra:
             request["extra_body"] = extra
         return request
+
+    async def acontext_window(self) -> int | None:
+        """The context length the server lists for this model (`max_model_len` on vLLM, `context_length` or
+        `context_window` elsewhere), asked once; None when it lists none or cannot be asked."""
+        if self._context_window is None:
+            self._context_window = await self._listed_context_window()
+        return self._context_window or None
+
+    async def _listed_context_window(self) -> int:
+        try:
+            name = await self._model_name()
+            page = await self._with_retries(lambda: self._client().models.list())
+        except ModelError as exc:
+            logger.info("cannot read the context length from %s/models: %s", self.base_url, exc)
+            return 0
+        for entry in getattr(page, "data", None) or []:
+            if getattr(entry, "id", None) == name:
+                extra = getattr(entry, "model_extra", None) or {}
+                for key in ("max_model_len", "context_length", "context_window"):
+                    if isinstance(extra.get(key), int) and extra[key] > 0:
+                        return int(extra[key])
+        return 0
 
     async def _model_name(self) -> str:
         if self.model is None:
@@ -273,8 +297,12 @@ class _StreamNormaliser:
     calls: dict[int, _CallState] = field(default_factory=dict)
     finish_reason: str | None = None
     chunks: int = 0
+    usage: dict[str, Any] | None = None
 
     def feed(self, chunk: Any) -> list[Delta]:
+        usage = getattr(chunk, "usage", None)
+        if usage is not None and hasattr(usage, "model_dump"):
+            self.usage = usage.model_dump()
         choices = getattr(chunk, "choices", None) or []
         if not choices:  # usage-only chunks
             return []
