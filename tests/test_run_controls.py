@@ -24,7 +24,8 @@ from functionary_agent.testing import ScriptedModel, ScriptedRequest, call
 
 
 def used(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "prompt_tokens_details": {"cached_tokens": cached}}
+    details = {"cached_tokens": cached}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "prompt_tokens_details": details}
 
 
 def lookup(city: str) -> str:
@@ -34,7 +35,8 @@ def lookup(city: str) -> str:
 
 def test_usage_is_added_up_per_run_and_over_the_conversations_life() -> None:
     model = ScriptedModel([
-        {"tool_calls": [call("lookup", {"city": "Oslo"}), call("lookup", {"city": "Rome"})], "usage": used(100, 20, 64)},
+        {"tool_calls": [call("lookup", {"city": "Oslo"}), call("lookup", {"city": "Rome"})],
+         "usage": used(100, 20, 64)},
         {"content": "Oslo 21, Rome 21.", "usage": used(150, 10)},
         {"content": "Bye.", "usage": used(170, 3)},
     ])
