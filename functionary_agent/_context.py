@@ -3,9 +3,10 @@
 `chat.messages` always keeps everything (and so does a save); only the request is trimmed. First the user's
 `history` hook, if any, picks the messages; then, when the engine knows its context window (the embedded engine's
 `n_ctx`, a vLLM server's `max_model_len`, or `context_window=`), tool results are elided oldest first until the
-prompt fits with room for the answer. The results the model is about to read (the trailing ones) go last, and are
-shortened head and tail before they are dropped. A call and its result are never separated: an elided result keeps
-its tool message, with a marker the model can read. What still does not fit is a clear `ModelError`.
+prompt fits with room for the answer, then the text of long earlier answers. The results the model is about to
+read (the trailing ones) go last: they are shortened head and tail, never dropped. A call and its result are never
+separated: an elided result keeps its tool message, with a marker the model can read. What still does not fit is
+a clear `ModelError`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ _SHORTEST = 200  # a trailing result is not shortened below this many characters
 
 def elided_marker(message: Mapping[str, Any]) -> str:
     size = len(str(message.get("content") or ""))
-    return f"[earlier result of {message.get('name') or 'a tool'} elided to fit the context window: {size} characters]"
+    what = f"result of {message.get('name') or 'a tool'}" if message.get("role") == "tool" else "answer"
+    return f"[earlier {what} elided to fit the context window: {size} characters]"
 
 
 @dataclass
@@ -65,14 +67,13 @@ class ContextBudget:
     async def _elide_earlier(
         self, messages: Messages, tools: Sequence[Mapping[str, Any]], budget: int, count: int
     ) -> int:
-        """Replace tool results before the trailing ones with a marker, oldest first, until the prompt fits."""
-        for index in range(_trailing_start(messages)):
+        """Replace earlier contents with a marker until the prompt fits: tool results before the trailing ones,
+        oldest first, then the text of answers before the last user message (their calls stay)."""
+        for index in _elidable(messages):
             if count <= budget:
                 break
-            message = messages[index]
-            if message.get("role") == "tool":
-                message["content"] = elided_marker(message)
-                count = await self.model.acount_tokens(messages, tools)
+            messages[index]["content"] = elided_marker(messages[index])
+            count = await self.model.acount_tokens(messages, tools)
         return count
 
     async def _shorten_trailing(
@@ -112,6 +113,18 @@ def _answer_room(window: int, settings: Mapping[str, Any]) -> int:
     asked = settings.get("max_tokens") or settings.get("max_completion_tokens")
     room = int(asked) if isinstance(asked, int) and asked > 0 else _ANSWER_ROOM_CAP
     return min(room, window // 4)
+
+
+def _elidable(messages: Messages) -> list[int]:
+    trailing = _trailing_start(messages)
+    last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=0)
+    results = [i for i in range(trailing) if messages[i].get("role") == "tool"]
+    answers = [
+        i for i in range(last_user)
+        if messages[i].get("role") == "assistant" and isinstance(messages[i].get("content"), str)
+        and len(messages[i]["content"]) > _SHORTEST
+    ]
+    return results + answers
 
 
 def _trailing_start(messages: Messages) -> int:
