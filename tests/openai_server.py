@@ -50,8 +50,9 @@ def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, 
     }
 
 
-def as_chunks(completion: dict[str, Any]) -> list[dict[str, Any]]:
-    """A JSON chat completion as the stream chunks a server would send for it."""
+def as_chunks(completion: dict[str, Any], include_usage: bool = False) -> list[dict[str, Any]]:
+    """A JSON chat completion as the stream chunks a server would send for it; with `include_usage` (the client's
+    `stream_options`) a last chunk with no choices carries the usage, as OpenAI and vLLM send it."""
     choice = completion["choices"][0]
     message = choice["message"]
     chunks = [chunk({"role": "assistant", "content": message.get("content") or ""})]
@@ -63,6 +64,8 @@ def as_chunks(completion: dict[str, Any]) -> list[dict[str, Any]]:
             piece = {"index": index, "function": {"arguments": arguments[start : start + 7]}}
             chunks.append(chunk({"tool_calls": [piece]}))
     chunks.append(chunk({}, choice["finish_reason"]))
+    if include_usage and completion.get("usage"):
+        chunks.append({**chunk({}), "choices": [], "usage": completion["usage"]})
     return chunks
 
 
@@ -73,7 +76,13 @@ def function_call(name: str, arguments: str, id: str = "call_test") -> dict[str,
 class ScriptedServer:
     """Start with `with ScriptedServer(actions) as server:`; `server.base_url` ends in /v1."""
 
-    def __init__(self, actions: Iterable[Action] = (), handler: Callable[[dict[str, Any]], Action] | None = None):
+    def __init__(
+        self,
+        actions: Iterable[Action] = (),
+        handler: Callable[[dict[str, Any]], Action] | None = None,
+        model_card: dict[str, Any] | None = None,
+    ):
+        self.model_card = {"id": "test-model", "object": "model", **(model_card or {})}  # what GET /models lists
         self.actions = list(actions)
         self.handler = handler
         self.requests: list[dict[str, Any]] = []
@@ -116,7 +125,7 @@ def _make_handler(server: ScriptedServer) -> type[BaseHTTPRequestHandler]:
 
         def do_GET(self) -> None:
             if self.path.rstrip("/").endswith("/models"):
-                self._send_json(200, {"object": "list", "data": [{"id": "test-model", "object": "model"}]})
+                self._send_json(200, {"object": "list", "data": [server.model_card]})
             else:
                 self._send_json(404, {"error": {"message": f"no route {self.path}"}})
 
@@ -129,7 +138,8 @@ def _make_handler(server: ScriptedServer) -> type[BaseHTTPRequestHandler]:
                 return
             action = server.next_action(body, {k.lower(): v for k, v in self.headers.items()})
             if body.get("stream") and "json" in action:  # a scripted reply, asked for as a stream
-                action = {"sse": as_chunks(action["json"])}
+                usage = bool((body.get("stream_options") or {}).get("include_usage"))
+                action = {"sse": as_chunks(action["json"], include_usage=usage)}
             if "sse" in action:
                 try:
                     self._send_sse(action["sse"], drop=action.get("drop", False))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import time
@@ -203,3 +204,26 @@ def test_a_plain_json_body_for_a_stream_request_is_an_error() -> None:
     not_a_stream = {"status": 200, "body": reply("x")["json"]}
     with ScriptedServer([not_a_stream]) as server, pytest.raises(ModelError, match="no stream chunks"):
         collect(fast_model(server, model="m"))
+
+
+def test_usage_is_reported_for_plain_and_streamed_requests_over_http() -> None:
+    with ScriptedServer([reply("one"), reply("two")]) as server:
+        chat = Conversation("test-model", base_url=server.base_url)
+        chat.submit("Hi")
+        list(chat.stream("Again"))
+    assert server.requests[1]["stream_options"] == {"include_usage": True}
+    assert chat.usage.requests == 2 and chat.usage.total_tokens == 4  # the test server reports 1 + 1 per reply
+
+
+def test_the_context_window_comes_from_the_servers_model_list_and_trims_requests() -> None:
+    big = "x" * 30_000
+    replies = [reply(tool_calls=[function_call("dump", "{}")]), reply("short enough")]
+    with ScriptedServer(replies, model_card={"max_model_len": 4096}) as server:
+        model = OpenAICompatibleModel("test-model", base_url=server.base_url)
+        chat = Conversation(model, max_result_chars=None)
+        chat.register(lambda: big, name="dump")
+        assert chat.submit("Dump it.") == "short enough"
+        assert asyncio.run(model.acontext_window()) == 4096
+    sent = server.requests[-1]["messages"][-1]["content"]
+    assert len(sent) < 4096 * 3 and "characters omitted" in sent
+    assert chat.messages[-2]["content"] == big  # the conversation keeps the whole result
