@@ -54,6 +54,7 @@ class RunTracer:
         self.model, self.content = model, content
         self._tracer = _otel_tracer()
         self._run: Any = None
+        self._parent_context: Any = None
 
     @contextmanager
     def run_span(self) -> Iterator[SpanEnd]:
@@ -61,9 +62,12 @@ class RunTracer:
         if self._tracer is None:
             yield SpanEnd()
             return
+        from opentelemetry import trace
+
         self._run = self._tracer.start_span(
             "invoke_agent functionary-agent", attributes=_attributes("invoke_agent", self.model)
         )
+        self._parent_context = trace.set_span_in_context(self._run)
         with _ending(self._run):
             yield SpanEnd(self._run)
 
@@ -102,9 +106,7 @@ class RunTracer:
             yield SpanEnd(span, self.content)
 
     def _parent(self) -> Any:
-        from opentelemetry import trace
-
-        return trace.set_span_in_context(self._run) if self._run is not None else None
+        return self._parent_context
 
 
 def model_label(model: object) -> str:

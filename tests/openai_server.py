@@ -88,7 +88,7 @@ class ScriptedServer:
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
         self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
+        self._httpd = _LoopbackServer(("127.0.0.1", 0), _make_handler(self))
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
 
@@ -114,6 +114,10 @@ class ScriptedServer:
             if not self.actions:
                 return {"status": 500, "body": {"error": {"message": "the test server ran out of scripted replies"}}}
             return self.actions.pop(0)
+
+
+class _LoopbackServer(ThreadingHTTPServer):
+    request_queue_size = 1024  # benchmarks open hundreds of connections at once; the default backlog is 5
 
 
 def _make_handler(server: ScriptedServer) -> type[BaseHTTPRequestHandler]:

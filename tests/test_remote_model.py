@@ -227,3 +227,20 @@ def test_the_context_window_comes_from_the_servers_model_list_and_trims_requests
     sent = server.requests[-1]["messages"][-1]["content"]
     assert len(sent) < 4096 * 3 and "characters omitted" in sent
     assert chat.messages[-2]["content"] == big  # the conversation keeps the whole result
+
+
+def test_models_on_one_loop_share_a_pool_and_closing_one_leaves_the_others_working() -> None:
+    async def scenario(url: str) -> list[str]:
+        first, second = (OpenAICompatibleModel("test-model", base_url=url, max_retries=0) for _ in range(2))
+        one = await first.acomplete([{"role": "user", "content": "a"}])
+        await second.acomplete([{"role": "user", "content": "b"}])
+        assert first._client()._client is second._client()._client  # one httpx pool, one TLS context
+        await first.aclose()
+        two = await second.acomplete([{"role": "user", "content": "c"}])  # the pool outlives the first model
+        await second.aclose()
+        three = await first.acomplete([{"role": "user", "content": "d"}])  # a closed model opens a new pool
+        await first.aclose()
+        return [one.content or "", two.content or "", three.content or ""]
+
+    with ScriptedServer([reply("one"), reply("x"), reply("two"), reply("three")]) as server:
+        assert asyncio.run(scenario(server.base_url)) == ["one", "two", "three"]

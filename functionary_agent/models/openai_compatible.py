@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import openai
 from tenacity import (
@@ -84,7 +85,7 @@ class OpenAICompatibleModel(ChatModel):
         )
         self._wait = _RetryAfterOrBackoff(backoff)
         self.settings = settings
-        self._clients: dict[asyncio.AbstractEventLoop, openai.AsyncOpenAI] = {}
+        self._clients: dict[asyncio.AbstractEventLoop, tuple[openai.AsyncOpenAI, _LoopPool]] = {}
         self._context_window: int | None = None  # asked once; 0: the server lists none
 
     def __repr__(self) -> str:
@@ -142,24 +143,26 @@ class OpenAICompatibleModel(ChatModel):
             raise ModelError(f"the stream from {self.base_url} broke off: {_reason(exc)}") from exc
 
     async def aclose(self) -> None:
-        """Close this loop's connections; clients of other (finished) loops are simply dropped."""
+        """Leave this loop's connection pool (closed with its last user); other (finished) loops are dropped."""
         loop = asyncio.get_running_loop()
         clients, self._clients = self._clients, {}
         if loop in clients:
-            await clients[loop].close()
+            await clients[loop][1].leave()
 
     def _client(self) -> openai.AsyncOpenAI:
-        """One client per event loop: httpx connection pools cannot cross loops."""
+        """One client per event loop (httpx connection pools cannot cross loops), over the loop's shared pool."""
         loop = asyncio.get_running_loop()
-        client = self._clients.get(loop)
-        if client is None:
+        entry = self._clients.get(loop)
+        if entry is None or entry[1].http.is_closed:
             for stale in [old for old in self._clients if old.is_closed()]:
                 del self._clients[stale]
+            pool = _LoopPool.join(loop)
             client = openai.AsyncOpenAI(
-                base_url=self.base_url, api_key=self._api_key, timeout=self.timeout, max_retries=0
+                base_url=self.base_url, api_key=self._api_key, timeout=self.timeout, max_retries=0,
+                http_client=pool.http,
             )
-            self._clients[loop] = client
-        return client
+            entry = self._clients[loop] = (client, pool)
+        return entry[0]
 
     async def _request(
         self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]], tool_choice: ToolChoice,
@@ -231,6 +234,31 @@ class OpenAICompatibleModel(ChatModel):
         except openai.OpenAIError as exc:
             raise ModelError(f"request to {self.base_url} failed: {_reason(exc)}") from exc
         raise AssertionError("unreachable: tenacity either returns or re-raises")
+
+
+class _LoopPool:
+    """The HTTP connection pool of one event loop, shared by every remote model on it: each pool holds its own TLS
+    context (about 0.8 MB), so 1,000 conversations on one loop must not make 1,000 of them. Closed when its last
+    user leaves; the credentials stay per model (each has its own `AsyncOpenAI` over the pool)."""
+
+    _pools: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopPool]] = weakref.WeakKeyDictionary()
+
+    def __init__(self) -> None:
+        self.http = openai.DefaultAsyncHttpxClient()
+        self.users = 0
+
+    @classmethod
+    def join(cls, loop: asyncio.AbstractEventLoop) -> _LoopPool:
+        pool = cls._pools.get(loop)
+        if pool is None or pool.http.is_closed:
+            pool = cls._pools[loop] = cls()
+        pool.users += 1
+        return pool
+
+    async def leave(self) -> None:
+        self.users -= 1
+        if self.users <= 0:
+            await self.http.aclose()
 
 
 def _is_retryable(exc: BaseException) -> bool:
