@@ -52,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="answer one prompt, calling the given tools")
     run.add_argument("prompt", help="the user's message")
     _add_conversation_options(run)
-    run.add_argument("--json", action="store_true", help="print the whole exchange as JSON messages instead")
+    run.add_argument("--json", action="store_true",
+                     help='print {"answer", "messages", "usage"} as JSON instead of the exchange')
     run.set_defaults(handler=_run)
     chat = commands.add_parser("chat", help="an interactive chat in the terminal (/help for commands)")
     _add_conversation_options(chat)
@@ -98,11 +99,16 @@ def _conversation(args: argparse.Namespace) -> Conversation:
 
 def _run(args: argparse.Namespace) -> int:
     reporter = Reporter(sys.stdout, quiet=args.json, live=sys.stdout.isatty())
-    with _conversation(args) as chat, reporter.turn():
-        for event in chat.stream(args.prompt):
-            reporter.show(event)
-    if args.json:
-        print(json.dumps(chat.messages, ensure_ascii=False, indent=2))
+    with _conversation(args) as chat:
+        with reporter.turn():
+            for event in chat.stream(args.prompt):
+                reporter.show(event)
+        if args.json:
+            answer = chat.messages[-1].get("content") or ""
+            print(json.dumps({"answer": answer, "messages": chat.messages, "usage": chat.last_usage.to_dict()},
+                             ensure_ascii=False, indent=2))
+        elif sys.stdout.isatty():
+            reporter.notice(chat.last_usage.summary())
     return EXIT_OK
 
 

@@ -56,8 +56,11 @@ def test_run_json_prints_the_messages() -> None:
     with ScriptedServer(handler=weather_script) as server:
         done = cli("run", "weather?", "--tools", WEATHER, "--json", env={"FUNCTIONARY_BASE_URL": server.base_url})
     assert done.returncode == 0, done.stderr
-    messages = json.loads(done.stdout)
-    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "assistant"]
+    printed = json.loads(done.stdout)
+    assert [m["role"] for m in printed["messages"]] == ["user", "assistant", "tool", "assistant"]
+    assert printed["answer"] == printed["messages"][-1]["content"] and "in Istanbul." in printed["answer"]
+    assert printed["usage"] == {"requests": 2, "tool_calls": 1, "prompt_tokens": 2, "completion_tokens": 2,
+                                "cached_tokens": 0, "total_tokens": 4}
 
 
 def test_a_missing_gguf_file_or_a_misplaced_format_are_clear_errors() -> None:
@@ -131,6 +134,13 @@ def test_on_a_terminal_the_answer_streams_with_styles() -> None:
     plain = _strip_ansi(output)
     assert 'get_weather({"location": "Istanbul"})' in plain
     assert "degrees and" in plain and "in Istanbul." in plain
+    assert plain.rstrip().endswith("2 requests, 1 tool call, 4 tokens (2 in, 2 out)")  # the usage line
+
+
+def test_the_usage_line_is_for_terminals_only() -> None:
+    with ScriptedServer(handler=weather_script) as server:
+        done = cli("run", "weather?", "--tools", WEATHER, "--base-url", server.base_url)
+    assert "tokens" not in done.stdout and done.returncode == 0
 
 
 def _run_in_terminal(command: list[str], timeout: float = 60) -> str:
