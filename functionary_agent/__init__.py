@@ -17,6 +17,7 @@ from functionary_agent.errors import (
     UsageLimitExceeded,
 )
 from functionary_agent.models.base import AssistantMessage, ChatModel, ToolCall
+from functionary_agent.run_context import RunContext
 from functionary_agent.tools import Tool, tool
 from functionary_agent.usage import Limits, Usage
 
@@ -38,6 +39,7 @@ __all__ = [
     "MaxTurnsExceeded",
     "ModelError",
     "OpenAICompatibleModel",
+    "RunContext",
     "Tool",
     "ToolCall",
     "ToolDefinitionError",

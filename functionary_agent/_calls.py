@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +12,7 @@ from functionary_agent._text import head_and_tail
 from functionary_agent._tracing import RunTracer
 from functionary_agent.events import ToolResult
 from functionary_agent.models.base import ToolCall
+from functionary_agent.run_context import RunContext
 from functionary_agent.tools import Tool
 
 CANCELLED = "Error: the call was cancelled before it finished"
@@ -31,6 +32,7 @@ class CallRunner:
     tracer: RunTracer
     max_concurrency: int | None = None
     max_result_chars: int | None = None
+    context: Callable[[ToolCall], RunContext[Any]] | None = None  # what a `RunContext` parameter receives
 
     async def run(self, calls: Sequence[ToolCall], results: dict[int, ToolResult]) -> AsyncIterator[ToolResult]:
         """Run `calls` at once (at most `max_concurrency` at a time), yielding each result as it finishes and
@@ -61,7 +63,7 @@ class CallRunner:
                 result, transient = ToolResult(call.id, call.name, call.arguments, content, is_error=True), False
             else:
                 async with limit:
-                    outcome = await tool.run(call.arguments)
+                    outcome = await tool.run(call.arguments, self.context(call) if self.context else None)
                 bound = tool.max_result_chars or self.max_result_chars
                 content = head_and_tail(outcome.content, bound) if bound else outcome.content
                 result = ToolResult(call.id, call.name, call.arguments, content, outcome.is_error, outcome.duration)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from functionary_agent._openai_messages import code_of
 from functionary_agent.errors import ConfigurationError
+from functionary_agent.run_context import RunContext
 from functionary_agent.tools import Tool, ToolOutcome
 
 if TYPE_CHECKING:
@@ -58,7 +59,9 @@ class PythonTool(Tool):
     def to_openai(self) -> dict[str, Any]:
         return dict(CODE_INTERPRETER)
 
-    async def run(self, arguments: str | Mapping[str, Any] | None) -> ToolOutcome:
+    async def run(
+        self, arguments: str | Mapping[str, Any] | None, context: RunContext[Any] | None = None
+    ) -> ToolOutcome:
         started = time.perf_counter()
         code = code_of(arguments)
         if not code.strip():

@@ -36,6 +36,7 @@ from functionary_agent.events import (
 )
 from functionary_agent.models import embedded_model
 from functionary_agent.models.base import AssistantMessage, ChatModel, ToolCall, ToolChoice, stream_call_index
+from functionary_agent.run_context import RunContext
 from functionary_agent.tools import Tool, check_result_limit
 from functionary_agent.usage import Limits, Usage
 
@@ -76,6 +77,7 @@ class Conversation:
         context_window: int | None = None,
         history: HistoryHook | None = None,
         trace_content: bool = False,
+        deps: Any = None,
         **settings: Any,
     ) -> None:
         _check_run_controls(max_turns, max_concurrency, limits, context_window, history)
@@ -83,6 +85,7 @@ class Conversation:
         self.limits = limits or Limits()
         self.max_result_chars = check_result_limit(max_result_chars, "max_result_chars")
         self.trace_content = trace_content
+        self.deps = deps  # handed to tools through their `RunContext` parameter
         self.last_usage, self._past_usage = Usage(), Usage()
         self._context = ContextBudget(self.model, context_window, history)
         self.messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
@@ -210,7 +213,9 @@ class Conversation:
                 self.messages.append({"role": "user", "content": content})
             self._past_usage, self.last_usage = self.usage, Usage()
             tracer = RunTracer(model_label(self.model), content=self.trace_content)
-            runner = CallRunner(self._tools, RepeatGuard(), tracer, self.max_concurrency, self.max_result_chars)
+            runner = CallRunner(
+                self._tools, RepeatGuard(), tracer, self.max_concurrency, self.max_result_chars, self._run_context
+            )
             tool_choice = self.tool_choice
             with tracer.run_span() as run_span:
                 for _ in range(self.max_turns):
@@ -296,6 +301,9 @@ class Conversation:
                 tool_message(call, results[index].content if index in results else CANCELLED)
                 for index, call in enumerate(calls)
             ]
+
+    def _run_context(self, call: ToolCall) -> RunContext[Any]:
+        return RunContext(self.deps, call.id, self.last_usage, self)
 
     @property
     def usage(self) -> Usage:

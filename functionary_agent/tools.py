@@ -31,6 +31,7 @@ from pydantic.fields import FieldInfo
 from functionary_agent._schema import clean_schema
 from functionary_agent._text import shorten
 from functionary_agent.errors import ConfigurationError, ToolDefinitionError
+from functionary_agent.run_context import RunContext, is_run_context
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class _Param:
     name: str
     field: str  # field name inside the arguments model (params are aliased: `json`, `_x` are legal there)
     positional_only: bool
+    run_context: bool = False  # filled from the run, not from the model's arguments
 
 
 class Tool:
@@ -158,11 +160,14 @@ class Tool:
     def __repr__(self) -> str:
         return f"Tool(name={self.name!r})"
 
-    async def run(self, arguments: str | Mapping[str, Any] | None) -> ToolOutcome:
-        """Parse, validate, call, serialise; every fault comes back as an error outcome, never an exception."""
+    async def run(
+        self, arguments: str | Mapping[str, Any] | None, context: RunContext[Any] | None = None
+    ) -> ToolOutcome:
+        """Parse, validate, call, serialise; every fault comes back as an error outcome, never an exception.
+        `context` goes to a parameter annotated `RunContext` (None when the tool is run outside a conversation)."""
         started = time.perf_counter()
         try:
-            args, kwargs = self._bind(arguments)
+            args, kwargs = self._bind(arguments, context)
             result = await self._call(args, kwargs)
             outcome = ToolOutcome(result_to_text(result))
         except _CallFault as fault:
@@ -175,7 +180,9 @@ class Tool:
             outcome = ToolOutcome(text, is_error=True, transient=_passes(exc))
         return replace(outcome, duration=time.perf_counter() - started)
 
-    def _bind(self, arguments: str | Mapping[str, Any] | None) -> tuple[list[Any], dict[str, Any]]:
+    def _bind(
+        self, arguments: str | Mapping[str, Any] | None, context: RunContext[Any] | None = None
+    ) -> tuple[list[Any], dict[str, Any]]:
         raw = parse_arguments(arguments)
         if self._arguments_model is None or self._params is None:
             missing = [key for key in self.parameters.get("required", []) if key not in raw]
@@ -187,8 +194,9 @@ class Tool:
             validated = self._arguments_model.model_validate(raw)
         except pydantic.ValidationError as exc:
             raise _CallFault(_describe_validation_error(self.name, exc)) from None
-        args = [getattr(validated, p.field) for p in self._params if p.positional_only]
-        kwargs = {p.name: getattr(validated, p.field) for p in self._params if not p.positional_only}
+        values = [context if p.run_context else getattr(validated, p.field) for p in self._params]
+        args = [value for p, value in zip(self._params, values, strict=True) if p.positional_only]
+        kwargs = {p.name: value for p, value in zip(self._params, values, strict=True) if not p.positional_only}
         return args, kwargs
 
     async def _call(self, args: list[Any], kwargs: dict[str, Any]) -> Any:
@@ -332,6 +340,9 @@ def _signature_model(
                 f"{_qualname(fn)}: parameter {star}{param.name} cannot be described to a model; use named parameters"
             )
         annotation = hints.get(param.name, Any)
+        if is_run_context(annotation):
+            params.append(_context_param(fn, param))
+            continue
         default = ... if param.default is param.empty else param.default
         description = None if _has_explicit_description(annotation) else param_docs.get(param.name)
         field = f"p{index}"
@@ -347,6 +358,14 @@ def _signature_model(
     except (pydantic.PydanticSchemaGenerationError, pydantic.PydanticUserError, TypeError) as exc:
         raise _no_schema_error(fn, {info.alias: annotation for annotation, info in fields.values()}, exc) from None
     return model, tuple(params)
+
+
+def _context_param(fn: Callable[..., Any], param: inspect.Parameter) -> _Param:
+    if param.default is not param.empty:
+        raise ToolDefinitionError(
+            f"{_qualname(fn)}: the RunContext parameter {param.name} must have no default; the run always fills it"
+        )
+    return _Param(param.name, "", param.kind is param.POSITIONAL_ONLY, run_context=True)
 
 
 def _annotated_target(fn: Callable[..., Any]) -> Any:
