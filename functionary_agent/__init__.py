@@ -13,6 +13,7 @@ from functionary_agent.errors import (
     LimitExceeded,
     MaxTurnsExceeded,
     ModelError,
+    OutputValidationError,
     ToolDefinitionError,
     UsageLimitExceeded,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "MaxTurnsExceeded",
     "ModelError",
     "OpenAICompatibleModel",
+    "OutputValidationError",
     "RunContext",
     "Tool",
     "ToolCall",

@@ -8,11 +8,12 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import pydantic
 
 from functionary_agent import _sync
+from functionary_agent._answers import FINAL_RESULT, PlainAnswer, TypedAnswer
 from functionary_agent._calls import CANCELLED, CallRunner, tool_message
 from functionary_agent._context import ContextBudget, HistoryHook
 from functionary_agent._interpreter import PythonTool, is_code_interpreter
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from sandbox import KernelSandbox
 
 Content = str | list[dict[str, Any]] | None
+AnswerRule = PlainAnswer | TypedAnswer
 _SAVE_FORMAT = "functionary-agent/conversation"
 DEFAULT_MAX_RESULT_CHARS = 20_000
 
@@ -78,14 +80,18 @@ class Conversation:
         history: HistoryHook | None = None,
         trace_content: bool = False,
         deps: Any = None,
+        output_retries: int = 2,
         **settings: Any,
     ) -> None:
         _check_run_controls(max_turns, max_concurrency, limits, context_window, history)
+        if not isinstance(output_retries, int) or output_retries < 0:
+            raise ConfigurationError(f"output_retries must be 0 or more, got {output_retries!r}")
         self.model, self._owns_model = _resolve_model(model, base_url, api_key)  # close only what we created
         self.limits = limits or Limits()
         self.max_result_chars = check_result_limit(max_result_chars, "max_result_chars")
         self.trace_content = trace_content
         self.deps = deps  # handed to tools through their `RunContext` parameter
+        self.output_retries = output_retries  # invalid typed answers sent back before OutputValidationError
         self.last_usage, self._past_usage = Usage(), Usage()
         self._context = ContextBudget(self.model, context_window, history)
         self.messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
@@ -182,32 +188,56 @@ class Conversation:
         return [tool.to_openai() for tool in self._tools.values()]
 
     # -- the loop ----------------------------------------------------------------------------------------
-    def astream(self, content: Content = None) -> AsyncIterator[Event]:
+    def astream(self, content: Content = None, *, output_type: Any = None) -> AsyncIterator[Event]:
         """Run the conversation to a final answer, yielding events as they happen (see `events`).
-        Leaving early (`break`, `aclose()`) cancels running calls; each still gets its tool message."""
-        return self._run(content, stream=True)
+        Leaving early (`break`, `aclose()`) cancels running calls; each still gets its tool message.
+        With `output_type` the `FinalAnswer` carries the validated value as `output`."""
+        return self._run(content, stream=True, answer=self._answer_rule(output_type))
 
-    async def asubmit(self, content: Content = None) -> str:
-        """Add `content` as a user message (None continues the chat as it is) and return the final answer."""
-        answer = ""
-        async for event in self._run(content, stream=False):
+    @overload
+    async def asubmit(self, content: Content = None, *, output_type: None = None) -> str: ...
+    @overload
+    async def asubmit(self, content: Content = None, *, output_type: type[T]) -> T: ...
+    @overload
+    async def asubmit(self, content: Content = None, *, output_type: Any) -> Any: ...
+    async def asubmit(self, content: Content = None, *, output_type: Any = None) -> Any:
+        """Add `content` as a user message (None continues the chat as it is) and return the final answer: the
+        text, or with `output_type` (a pydantic model, dataclass, TypedDict, or a type such as `int`,
+        `list[str]`, `Literal[...]`) a validated value of that type."""
+        final = FinalAnswer("")
+        async for event in self._run(content, stream=False, answer=self._answer_rule(output_type)):
             if isinstance(event, FinalAnswer):
-                answer = event.content
-        return answer
+                final = event
+        return final.content if output_type is None else final.output
 
-    def submit(self, content: Content = None, *, display: bool | None = None) -> str:
+    @overload
+    def submit(self, content: Content = None, *, output_type: None = None, display: bool | None = None) -> str: ...
+    @overload
+    def submit(self, content: Content = None, *, output_type: type[T], display: bool | None = None) -> T: ...
+    @overload
+    def submit(self, content: Content = None, *, output_type: Any, display: bool | None = None) -> Any: ...
+    def submit(self, content: Content = None, *, output_type: Any = None, display: bool | None = None) -> Any:
         """`asubmit` from sync code. In a Jupyter notebook the run is shown as it happens; `display=False`
         turns that off, `display=True` forces it (None: only in a notebook)."""
         from functionary_agent import notebook  # small, and it imports IPython only to display
 
-        if notebook.in_notebook() if display is None else display:
+        if output_type is None and (notebook.in_notebook() if display is None else display):
             return notebook.submit_with_display(self, content)
-        return _sync.run(self.asubmit(content))
+        return _sync.run(self.asubmit(content, output_type=output_type))
 
-    def stream(self, content: Content = None) -> Iterator[Event]:
-        return _sync.iterate(self.astream(content))
+    def stream(self, content: Content = None, *, output_type: Any = None) -> Iterator[Event]:
+        return _sync.iterate(self.astream(content, output_type=output_type))
 
-    async def _run(self, content: Content, *, stream: bool) -> AsyncIterator[Event]:
+    def _answer_rule(self, output_type: Any) -> AnswerRule:
+        if output_type is None:
+            return PlainAnswer()
+        if FINAL_RESULT in self._tools:
+            raise ToolDefinitionError(
+                f"a tool named {FINAL_RESULT!r} clashes with the reserved tool that carries typed answers; rename it"
+            )
+        return TypedAnswer(output_type, self.output_retries)
+
+    async def _run(self, content: Content, *, stream: bool, answer: AnswerRule) -> AsyncIterator[Event]:
         with self._running_alone():
             if content is not None:
                 self.messages.append({"role": "user", "content": content})
@@ -216,31 +246,37 @@ class Conversation:
             runner = CallRunner(
                 self._tools, RepeatGuard(), tracer, self.max_concurrency, self.max_result_chars, self._run_context
             )
-            tool_choice = self.tool_choice
+            tool_choice = answer.first_choice(self.tool_choice)
             with tracer.run_span() as run_span:
                 for _ in range(self.max_turns):
                     self.limits.check_request(self.last_usage)
                     message = None
-                    async with _closing(self._ask(tool_choice, stream, tracer)) as turn:
+                    async with _closing(self._ask(tool_choice, stream, tracer, answer)) as turn:
                         async for item in turn:
                             if isinstance(item, AssistantMessage):
                                 message = item
                             else:
                                 yield item
-                    if message is None:
-                        raise ModelError(f"{type(self.model).__name__} ended its stream without an assistant message")
-                    self.last_usage.add_response(message.usage)
+                    verdict = answer.judge(self._take(message))
                     run_span.finish(self.last_usage)
-                    self.messages.append(message.to_dict())
-                    if not message.tool_calls:
-                        yield FinalAnswer(message.content or "")
+                    self.messages += verdict.notes
+                    if verdict.final is not None:
+                        yield verdict.final
                         return
                     results: dict[int, ToolResult] = {}
-                    async with _closing(self._call(message.tool_calls, runner, results)) as running:
+                    async with _closing(self._call(verdict.calls, runner, results)) as running:
                         async for result in running:
                             yield result
-                    tool_choice = "none" if all(result.repeated for result in results.values()) else "auto"
+                    tool_choice = answer.next_choice(bool(results) and all(r.repeated for r in results.values()))
                 raise MaxTurnsExceeded(self.max_turns)
+
+    def _take(self, message: AssistantMessage | None) -> AssistantMessage:
+        """Record a model turn: its message joins the chat and its usage the run's."""
+        if message is None:
+            raise ModelError(f"{type(self.model).__name__} ended its stream without an assistant message")
+        self.last_usage.add_response(message.usage)
+        self.messages.append(message.to_dict())
+        return message
 
     @contextmanager
     def _running_alone(self) -> Iterator[None]:
@@ -257,10 +293,12 @@ class Conversation:
             self._running = False
 
     async def _ask(
-        self, tool_choice: ToolChoice, stream: bool, tracer: RunTracer
+        self, tool_choice: ToolChoice, stream: bool, tracer: RunTracer, answer: AnswerRule
     ) -> AsyncIterator[Event | AssistantMessage]:
-        """One model turn; in stream mode its deltas become events, and the message comes last."""
-        request: dict[str, Any] = {**self.settings, "tools": self.tool_specs(), "tool_choice": tool_choice}
+        """One model turn; in stream mode its deltas become events (not those of the answer's own tool), and the
+        message comes last."""
+        tools = self.tool_specs() + answer.tool_specs()
+        request: dict[str, Any] = {**self.settings, "tools": tools, "tool_choice": tool_choice}
         if not self.parallel_tool_calls:
             request["parallel_tool_calls"] = False
         messages = await self._context.fit(self.messages, request["tools"], request)
@@ -270,21 +308,36 @@ class Conversation:
                 span.finish(message)
                 yield message
                 return
-            call_ids: dict[int, str] = {}
-            async with _closing(self.model.astream(messages, **request)) as deltas:
-                async for item in deltas:
+            async with _closing(self._streamed(messages, request, answer.hidden_tools)) as items:
+                async for item in items:
                     if isinstance(item, AssistantMessage):
                         span.finish(item)
-                        yield item
-                        continue
-                    for event in _delta_events(item, call_ids):
+                    yield item
+
+    async def _streamed(
+        self, messages: list[dict[str, Any]], request: dict[str, Any], hidden_tools: frozenset[str]
+    ) -> AsyncIterator[Event | AssistantMessage]:
+        """The model's deltas as events, the message last; calls of `hidden_tools` make no events."""
+        call_ids: dict[int, str] = {}
+        hidden: set[int] = set()
+        async with _closing(self.model.astream(messages, **request)) as deltas:
+            async for item in deltas:
+                if isinstance(item, AssistantMessage):
+                    yield item
+                    continue
+                for event in _delta_events(item, call_ids):
+                    if isinstance(event, ToolCallStarted) and event.name in hidden_tools:
+                        hidden.add(event.index)
+                    if not (isinstance(event, (ToolCallStarted, ToolCallArgumentsDelta)) and event.index in hidden):
                         yield event
 
     async def _call(
-        self, calls: list[ToolCall], runner: CallRunner, results: dict[int, ToolResult]
+        self, calls: Sequence[ToolCall], runner: CallRunner, results: dict[int, ToolResult]
     ) -> AsyncIterator[ToolResult]:
         """Run a turn's calls within the run's tool-call budget. Every call gets its tool message, in the model's
         order, even one cut short by cancellation, so the message list stays valid for the next request."""
+        if not calls:
+            return
         if not self.limits.calls_allowed(self.last_usage, len(calls)):
             exceeded = self.limits.tool_calls_exceeded(self.last_usage, len(calls))
             note = f"Error: not run: this run reached its tool-call limit ({exceeded.limit}={exceeded.value})"

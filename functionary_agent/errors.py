@@ -26,6 +26,16 @@ class ModelError(FunctionaryAgentError):
     """The model or its server failed in a way retries did not fix."""
 
 
+class OutputValidationError(ModelError):
+    """The model's typed answer still did not match `output_type` after the retries; `raw` is its last output
+    (the arguments of its final call, or its text) and `errors` says what was wrong."""
+
+    def __init__(self, output_type: object, raw: str, errors: str) -> None:
+        name = getattr(output_type, "__name__", None) or repr(output_type)
+        super().__init__(f"the model's answer does not match {name} after its retries:\n{errors}\nlast: {raw[:500]}")
+        self.output_type, self.raw, self.errors = output_type, raw, errors
+
+
 class LimitExceeded(FunctionaryAgentError):
     """A run reached one of its limits; `limit` names it, `value` is its setting and `reached` what the run got
     to. Every message so far is kept on the conversation: raise the limit and `submit()` again to go on."""

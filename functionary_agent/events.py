@@ -7,6 +7,7 @@ concurrently, so in completion order; the messages keep the model's order); `Fin
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -49,9 +50,11 @@ class ToolResult:
 
 @dataclass(frozen=True)
 class FinalAnswer:
-    """The assistant answered without calling tools; the run is over."""
+    """The run is over: the assistant answered. With an `output_type`, `output` is the validated value and
+    `content` its JSON."""
 
     content: str
+    output: Any = None
 
 
 Event = TextDelta | ToolCallStarted | ToolCallArgumentsDelta | ToolResult | FinalAnswer
