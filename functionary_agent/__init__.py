@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from functionary_agent.conversation import Conversation
 from functionary_agent.errors import (
+    ApprovalRequired,
     CloseError,
     ConfigurationError,
     ConversationBusyError,
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from functionary_agent.models.openai_compatible import OpenAICompatibleModel
 
 __all__ = [
+    "ApprovalRequired",
     "AssistantMessage",
     "ChatModel",
     "CloseError",

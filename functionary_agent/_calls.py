@@ -34,12 +34,15 @@ class CallRunner:
     max_result_chars: int | None = None
     context: Callable[[ToolCall], RunContext[Any]] | None = None  # what a `RunContext` parameter receives
 
-    async def run(self, calls: Sequence[ToolCall], results: dict[int, ToolResult]) -> AsyncIterator[ToolResult]:
+    async def run(
+        self, calls: Sequence[ToolCall], results: dict[int, ToolResult], positions: Sequence[int] | None = None
+    ) -> AsyncIterator[ToolResult]:
         """Run `calls` at once (at most `max_concurrency` at a time), yielding each result as it finishes and
-        recording it in `results` by call position. On cancellation the unfinished calls are cancelled; the
-        caller fills their gaps."""
+        recording it in `results` by call position (`positions[i]` for `calls[i]`, else `i`). On cancellation the
+        unfinished calls are cancelled; the caller fills their gaps."""
         limit = asyncio.Semaphore(self.max_concurrency or len(calls) or 1)
-        tasks = {asyncio.ensure_future(self._one(call, limit)): i for i, call in enumerate(calls)}
+        where = positions if positions is not None else range(len(calls))
+        tasks = {asyncio.ensure_future(self._one(call, limit)): where[i] for i, call in enumerate(calls)}
         pending = set(tasks)
         try:
             while pending:

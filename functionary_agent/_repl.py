@@ -10,8 +10,10 @@ import contextlib
 from collections.abc import Callable
 
 from functionary_agent._terminal import Reporter
+from functionary_agent._text import compact_json
 from functionary_agent.conversation import Conversation
 from functionary_agent.errors import FunctionaryAgentError
+from functionary_agent.models.base import ToolCall
 
 HELP = """commands:
   /tools        list the tools the model may call
@@ -19,6 +21,19 @@ HELP = """commands:
   /save PATH    save the conversation as JSON
   /load PATH    continue a saved conversation
   /exit         leave (or Ctrl-D); Ctrl-C stops the current answer"""
+
+
+def terminal_approval(reporter: Reporter, read: Callable[[str], str] = input) -> Callable[[ToolCall], bool]:
+    """The y/n question at the terminal for a call that needs a yes (the run waits meanwhile); no answer is no."""
+
+    def approve(call: ToolCall) -> bool:
+        reporter.notice(f"{call.name}({compact_json(call.arguments)}) needs your approval")
+        try:
+            return read("run it? [y/N] ").strip().lower() in ("y", "yes")
+        except (EOFError, KeyboardInterrupt):
+            return False
+
+    return approve
 
 
 class Repl:
@@ -32,6 +47,7 @@ class Repl:
             "/tools": self._tools, "/reset": self._reset, "/save": self._save, "/load": self._load,
             "/help": self._help, "/exit": self._exit, "/quit": self._exit,
         }
+        chat.on_approval = terminal_approval(reporter, read)
 
     def loop(self) -> None:
         with contextlib.suppress(ImportError):

@@ -100,6 +100,10 @@ def _conversation(args: argparse.Namespace) -> Conversation:
 def _run(args: argparse.Namespace) -> int:
     reporter = Reporter(sys.stdout, quiet=args.json, live=sys.stdout.isatty())
     with _conversation(args) as chat:
+        if sys.stdin.isatty():  # calls that need a yes are asked about; elsewhere the run stops with an error
+            from functionary_agent._repl import terminal_approval
+
+            chat.on_approval = terminal_approval(reporter)
         with reporter.turn():
             for event in chat.stream(args.prompt):
                 reporter.show(event)

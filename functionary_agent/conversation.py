@@ -13,13 +13,22 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 import pydantic
 
 from functionary_agent import _sync
-from functionary_agent._answers import FINAL_RESULT, PlainAnswer, TypedAnswer
+from functionary_agent._answers import FINAL_RESULT, PlainAnswer, TypedAnswer, Verdict
+from functionary_agent._approvals import (
+    ApprovalCallback,
+    ApprovalGate,
+    Decision,
+    check_decisions,
+    off_the_loop,
+    pending_calls,
+)
 from functionary_agent._calls import CANCELLED, CallRunner, tool_message
 from functionary_agent._context import ContextBudget, HistoryHook
 from functionary_agent._interpreter import PythonTool, is_code_interpreter
 from functionary_agent._repeats import RepeatGuard
 from functionary_agent._tracing import RunTracer, model_label
 from functionary_agent.errors import (
+    ApprovalRequired,
     CloseError,
     ConfigurationError,
     ConversationBusyError,
@@ -28,6 +37,7 @@ from functionary_agent.errors import (
     ToolDefinitionError,
 )
 from functionary_agent.events import (
+    ApprovalRequested,
     Event,
     FinalAnswer,
     TextDelta,
@@ -38,7 +48,7 @@ from functionary_agent.events import (
 from functionary_agent.models import embedded_model
 from functionary_agent.models.base import AssistantMessage, ChatModel, ToolCall, ToolChoice, stream_call_index
 from functionary_agent.run_context import RunContext
-from functionary_agent.tools import Tool, check_result_limit
+from functionary_agent.tools import Approval, Tool, check_result_limit
 from functionary_agent.usage import Limits, Usage
 
 if TYPE_CHECKING:
@@ -74,6 +84,7 @@ class Conversation:
         parallel_tool_calls: bool = True,
         max_concurrency: int | None = None,
         code_interpreter: bool | KernelSandbox | Mapping[str, Any] = False,
+        on_approval: ApprovalCallback | None = None,
         limits: Limits | None = None,
         max_result_chars: int | None = DEFAULT_MAX_RESULT_CHARS,
         context_window: int | None = None,
@@ -102,6 +113,8 @@ class Conversation:
         self.settings = settings
         self._tools: dict[str, Tool] = {}
         self._resources: list[Any] = []  # MCP sessions, OpenAPI clients: closed with the conversation
+        self._gate = ApprovalGate(self._tools, None)
+        self.on_approval = on_approval
         self._running = False  # one run at a time: two would interleave their messages
         tools = list(tools)
         if any(is_code_interpreter(item) for item in tools) and code_interpreter is False:
@@ -122,18 +135,22 @@ class Conversation:
         parameter_schema: type[pydantic.BaseModel] | dict[str, Any] | None = None,
         timeout: float | None = None,
         max_result_chars: int | None = None,
+        approve: Approval = False,
     ) -> Any:
         """Make `fn` a tool of this conversation: `@chat.register`, `@chat.register(name=...)` or
         `chat.register(fn)`. Returns `fn` unchanged, so decorated functions stay plain functions.
-        `max_result_chars` bounds this tool's results (head and tail kept); None: the conversation's bound."""
+        `max_result_chars` bounds this tool's results (head and tail kept); None: the conversation's bound.
+        `approve=True` (or a function of the arguments dict) makes calls wait for a person's yes (`on_approval`)."""
 
         def add(func: Callable[..., Any] | Tool) -> Any:
-            if isinstance(func, Tool) and not (name or description or parameter_schema or timeout or max_result_chars):
+            if isinstance(func, Tool) and not (
+                name or description or parameter_schema or timeout or max_result_chars or approve
+            ):
                 new = func
             else:
                 new = Tool.from_function(
                     func, name, description, parameter_schema=parameter_schema, timeout=timeout,
-                    max_result_chars=max_result_chars,
+                    max_result_chars=max_result_chars, approve=approve,
                 )
             if new.name in self._tools:
                 raise ToolDefinitionError(f"a tool named {new.name!r} is already registered; pass name=... to rename")
@@ -203,12 +220,51 @@ class Conversation:
     async def asubmit(self, content: Content = None, *, output_type: Any = None) -> Any:
         """Add `content` as a user message (None continues the chat as it is) and return the final answer: the
         text, or with `output_type` (a pydantic model, dataclass, TypedDict, or a type such as `int`,
-        `list[str]`, `Literal[...]`) a validated value of that type."""
+        `list[str]`, `Literal[...]`) a validated value of that type. Raises `ApprovalRequired` when a call waits
+        for a person and no `on_approval` callback decides."""
+        run = self._run(content, stream=False, answer=self._answer_rule(output_type))
+        return await self._final(run, typed=output_type is not None)
+
+    async def aresume(self, decisions: Mapping[str, Decision], *, output_type: Any = None) -> Any:
+        """Go on with a run paused by `ApprovalRequired`: `decisions` maps each waiting call's id to True (run
+        it), False or a reason string (decline). Returns the final answer as `asubmit` does."""
+        check_decisions(self._gate, pending_calls(self.messages), decisions)
+        answer = self._answer_rule(output_type)
+        run = self._run(None, stream=False, answer=answer, decisions=decisions)
+        return await self._final(run, typed=output_type is not None)
+
+    def resume(self, decisions: Mapping[str, Decision], *, output_type: Any = None) -> Any:
+        """`aresume` from sync code."""
+        return _sync.run(self.aresume(decisions, output_type=output_type))
+
+    @property
+    def on_approval(self) -> ApprovalCallback | None:
+        """Decides calls that need a yes: `fn(call)` (sync or async) returns True, False or a reason to decline
+        with; None pauses the run instead (`ApprovalRequired`, then `resume`)."""
+        return self._on_approval
+
+    @on_approval.setter
+    def on_approval(self, callback: ApprovalCallback | None) -> None:
+        if callback is not None and not callable(callback):
+            raise ConfigurationError(f"on_approval must be a function of the call, got {type(callback).__name__}")
+        self._on_approval = callback
+        self._gate.callback = off_the_loop(callback) if callback is not None else None
+
+    @property
+    def pending_approvals(self) -> list[ToolCall]:
+        """The calls a paused run waits on (empty when none waits)."""
+        return [call for call in pending_calls(self.messages) if self._gate.needs_approval(call)]
+
+    @staticmethod
+    async def _final(events: AsyncIterator[Event], *, typed: bool) -> Any:
         final = FinalAnswer("")
-        async for event in self._run(content, stream=False, answer=self._answer_rule(output_type)):
-            if isinstance(event, FinalAnswer):
-                final = event
-        return final.content if output_type is None else final.output
+        async with _closing(events) as running:  # closed at once, even when a pause raises
+            async for event in running:
+                if isinstance(event, ApprovalRequested):
+                    raise ApprovalRequired(event.calls)
+                if isinstance(event, FinalAnswer):
+                    final = event
+        return final.output if typed else final.content
 
     @overload
     def submit(self, content: Content = None, *, output_type: None = None, display: bool | None = None) -> str: ...
@@ -237,38 +293,51 @@ class Conversation:
             )
         return TypedAnswer(output_type, self.output_retries)
 
-    async def _run(self, content: Content, *, stream: bool, answer: AnswerRule) -> AsyncIterator[Event]:
+    async def _run(
+        self, content: Content, *, stream: bool, answer: AnswerRule, decisions: Mapping[str, Decision] | None = None
+    ) -> AsyncIterator[Event]:
         with self._running_alone():
-            if content is not None:
-                self.messages.append({"role": "user", "content": content})
-            self._past_usage, self.last_usage = self.usage, Usage()
+            self._start_run(content, resuming=decisions is not None)
             tracer = RunTracer(model_label(self.model), content=self.trace_content)
             runner = CallRunner(
                 self._tools, RepeatGuard(), tracer, self.max_concurrency, self.max_result_chars, self._run_context
             )
             tool_choice = answer.first_choice(self.tool_choice)
+            calls = pending_calls(self.messages) if decisions is not None else None  # a paused run goes on
             with tracer.run_span() as run_span:
                 for _ in range(self.max_turns):
-                    self.limits.check_request(self.last_usage)
-                    message = None
-                    async with _closing(self._ask(tool_choice, stream, tracer, answer)) as turn:
-                        async for item in turn:
-                            if isinstance(item, AssistantMessage):
-                                message = item
-                            else:
-                                yield item
-                    verdict = answer.judge(self._take(message))
-                    run_span.finish(self.last_usage)
-                    self.messages += verdict.notes
-                    if verdict.final is not None:
-                        yield verdict.final
-                        return
+                    if calls is None:
+                        verdict = Verdict()
+                        async with _closing(self._turn(tool_choice, stream, tracer, answer)) as turn:
+                            async for item in turn:
+                                if isinstance(item, Verdict):
+                                    verdict = item
+                                else:
+                                    yield item
+                        run_span.finish(self.last_usage)
+                        if verdict.final is not None:
+                            yield verdict.final
+                            return
+                        calls = verdict.calls
                     results: dict[int, ToolResult] = {}
-                    async with _closing(self._call(verdict.calls, runner, results)) as running:
-                        async for result in running:
-                            yield result
+                    async with _closing(self._call(calls, runner, results, decisions)) as running:
+                        async for event in running:
+                            yield event
+                            if isinstance(event, ApprovalRequested):
+                                return
+                    calls, decisions = None, None
                     tool_choice = answer.next_choice(bool(results) and all(r.repeated for r in results.values()))
                 raise MaxTurnsExceeded(self.max_turns)
+
+    def _start_run(self, content: Content, *, resuming: bool) -> None:
+        """A new run starts its usage afresh (a resumed one keeps counting) and may not leave calls unanswered."""
+        if not resuming:
+            waiting = pending_calls(self.messages)
+            if waiting:
+                raise ApprovalRequired(waiting)
+            self._past_usage, self.last_usage = self.usage, Usage()
+        if content is not None:
+            self.messages.append({"role": "user", "content": content})
 
     def _take(self, message: AssistantMessage | None) -> AssistantMessage:
         """Record a model turn: its message joins the chat and its usage the run's."""
@@ -277,6 +346,23 @@ class Conversation:
         self.last_usage.add_response(message.usage)
         self.messages.append(message.to_dict())
         return message
+
+    async def _turn(
+        self, tool_choice: ToolChoice, stream: bool, tracer: RunTracer, answer: AnswerRule
+    ) -> AsyncIterator[Event | Verdict]:
+        """One model turn within the run's limits: its events, then the verdict on its message (added to the chat
+        with its notes)."""
+        self.limits.check_request(self.last_usage)
+        message = None
+        async with _closing(self._ask(tool_choice, stream, tracer, answer)) as asking:
+            async for item in asking:
+                if isinstance(item, AssistantMessage):
+                    message = item
+                else:
+                    yield item
+        verdict = answer.judge(self._take(message))
+        self.messages += verdict.notes
+        yield verdict
 
     @contextmanager
     def _running_alone(self) -> Iterator[None]:
@@ -332,19 +418,27 @@ class Conversation:
                         yield event
 
     async def _call(
-        self, calls: Sequence[ToolCall], runner: CallRunner, results: dict[int, ToolResult]
-    ) -> AsyncIterator[ToolResult]:
-        """Run a turn's calls within the run's tool-call budget. Every call gets its tool message, in the model's
-        order, even one cut short by cancellation, so the message list stays valid for the next request."""
+        self,
+        calls: Sequence[ToolCall],
+        runner: CallRunner,
+        results: dict[int, ToolResult],
+        decisions: Mapping[str, Decision] | None,
+    ) -> AsyncIterator[ToolResult | ApprovalRequested]:
+        """Run a turn's calls within the run's tool-call budget, once approved. Every call gets its tool message,
+        in the model's order, even one cut short by cancellation, so the message list stays valid; a call that
+        waits for a person pauses the run before any call runs, with no tool message yet."""
         if not calls:
             return
-        if not self.limits.calls_allowed(self.last_usage, len(calls)):
-            exceeded = self.limits.tool_calls_exceeded(self.last_usage, len(calls))
-            note = f"Error: not run: this run reached its tool-call limit ({exceeded.limit}={exceeded.value})"
-            self.messages += [tool_message(call, note) for call in calls]
-            raise exceeded
+        self._check_call_budget(calls)
+        review = await self._gate.review(calls, decisions)
+        if review.waiting:
+            yield ApprovalRequested(review.waiting)
+            return
         self.last_usage.tool_calls += len(calls)
-        running = runner.run(calls, results)
+        for index, note in review.declined.items():
+            results[index] = ToolResult(calls[index].id, calls[index].name, calls[index].arguments, note, True)
+            yield results[index]
+        running = runner.run([calls[i] for i in review.run], results, positions=review.run)
         try:
             async with _closing(running):
                 async for result in running:
@@ -354,6 +448,13 @@ class Conversation:
                 tool_message(call, results[index].content if index in results else CANCELLED)
                 for index, call in enumerate(calls)
             ]
+
+    def _check_call_budget(self, calls: Sequence[ToolCall]) -> None:
+        if not self.limits.calls_allowed(self.last_usage, len(calls)):
+            exceeded = self.limits.tool_calls_exceeded(self.last_usage, len(calls))
+            note = f"Error: not run: this run reached its tool-call limit ({exceeded.limit}={exceeded.value})"
+            self.messages += [tool_message(call, note) for call in calls]
+            raise exceeded
 
     def _run_context(self, call: ToolCall) -> RunContext[Any]:
         return RunContext(self.deps, call.id, self.last_usage, self)

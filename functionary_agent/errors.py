@@ -36,6 +36,17 @@ class OutputValidationError(ModelError):
         self.output_type, self.raw, self.errors = output_type, raw, errors
 
 
+class ApprovalRequired(FunctionaryAgentError):
+    """The run paused: `calls` need a person's yes. Every message is kept (the assistant message with its calls is
+    the last one); `chat.resume({call.id: True, other.id: "reason to decline"})` goes on, in this process or after
+    `save`/`load` in another."""
+
+    def __init__(self, calls: Sequence[object]) -> None:
+        names = ", ".join(f"{getattr(c, 'name', '?')} ({getattr(c, 'id', '?')})" for c in calls)
+        super().__init__(f"waiting for approval of {names}; answer with chat.resume({{call_id: True/False/reason}})")
+        self.calls = list(calls)
+
+
 class LimitExceeded(FunctionaryAgentError):
     """A run reached one of its limits; `limit` names it, `value` is its setting and `reached` what the run got
     to. Every message so far is kept on the conversation: raise the limit and `submit()` again to go on."""

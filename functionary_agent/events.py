@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from functionary_agent.models.base import ToolCall
+
 
 @dataclass(frozen=True)
 class TextDelta:
@@ -57,4 +59,11 @@ class FinalAnswer:
     output: Any = None
 
 
-Event = TextDelta | ToolCallStarted | ToolCallArgumentsDelta | ToolResult | FinalAnswer
+@dataclass(frozen=True)
+class ApprovalRequested:
+    """The run paused: these calls need a person's yes (`Conversation.resume`); the stream ends here."""
+
+    calls: list[ToolCall]
+
+
+Event = TextDelta | ToolCallStarted | ToolCallArgumentsDelta | ToolResult | FinalAnswer | ApprovalRequested

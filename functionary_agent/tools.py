@@ -40,6 +40,7 @@ _REPR_LIMIT = 80
 # Sync calls running at once per event loop; a call abandoned after its timeout no longer counts.
 MAX_LIVE_TOOL_THREADS = 64
 T = TypeVar("T")
+Approval = bool | Callable[[dict[str, Any]], bool]  # does a call (by its arguments) need a person's yes?
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class Tool:
         *,
         timeout: float | None = None,
         max_result_chars: int | None = None,
+        approve: Approval = False,
         _arguments_model: type[pydantic.BaseModel] | None = None,
         _params: tuple[_Param, ...] | None = None,
     ) -> None:
@@ -83,6 +85,9 @@ class Tool:
         if timeout is not None and timeout <= 0:
             raise ToolDefinitionError(f"tool {name!r}: timeout must be positive seconds, got {timeout!r}")
         self.max_result_chars = check_result_limit(max_result_chars, f"tool {name!r}: max_result_chars")
+        if not (isinstance(approve, bool) or callable(approve)):
+            raise ToolDefinitionError(f"tool {name!r}: approve must be True, False or a function of the arguments")
+        self.approve = approve  # calls that need a person's yes before they run (see `Conversation.resume`)
         self.name = name
         self.description = description
         self.parameters = parameters
@@ -102,9 +107,11 @@ class Tool:
         parameter_schema: type[pydantic.BaseModel] | dict[str, Any] | None = None,
         timeout: float | None = None,
         max_result_chars: int | None = None,
+        approve: Approval = False,
     ) -> Tool:
         """A tool from a function's signature and docstring (or from `parameter_schema`, chatlab style).
-        `max_result_chars` bounds what the model reads back (head and tail kept); None: the conversation's."""
+        `max_result_chars` bounds what the model reads back (head and tail kept); None: the conversation's.
+        `approve`: True, or a function of the arguments dict returning True, when a call needs a person's yes."""
         if isinstance(fn, Tool):
             fn = fn.handler
         if not callable(fn):
@@ -118,7 +125,7 @@ class Tool:
         if isinstance(parameter_schema, dict):
             return cls(
                 name, description, clean_schema(parameter_schema), fn, timeout=timeout,
-                max_result_chars=max_result_chars,
+                max_result_chars=max_result_chars, approve=approve,
             )
         if parameter_schema is not None:
             params = tuple(_Param(f, f, False) for f in parameter_schema.model_fields)
@@ -127,7 +134,7 @@ class Tool:
             model, params = _signature_model(fn, name, {p.arg_name: p.description for p in doc.params})
         schema = _json_schema(model, fn, name)
         return cls(
-            name, description, schema, fn, timeout=timeout, max_result_chars=max_result_chars,
+            name, description, schema, fn, timeout=timeout, max_result_chars=max_result_chars, approve=approve,
             _arguments_model=model, _params=params,
         )
 
@@ -251,6 +258,7 @@ def tool(
     description: str | None = None,
     timeout: float | None = None,
     max_result_chars: int | None = None,
+    approve: Approval = False,
 ) -> Callable[[Callable[..., Any]], Tool]: ...
 def tool(
     fn: Callable[..., Any] | None = None,
@@ -260,11 +268,14 @@ def tool(
     description: str | None = None,
     timeout: float | None = None,
     max_result_chars: int | None = None,
+    approve: Approval = False,
 ) -> Tool | Callable[[Callable[..., Any]], Tool]:
     """Mark a function as a tool: `@tool` or `@tool(name=..., timeout=...)`. The result is still callable."""
 
     def wrap(func: Callable[..., Any]) -> Tool:
-        return Tool.from_function(func, name, description, timeout=timeout, max_result_chars=max_result_chars)
+        return Tool.from_function(
+            func, name, description, timeout=timeout, max_result_chars=max_result_chars, approve=approve
+        )
 
     return wrap(fn) if fn is not None else wrap
 
