@@ -114,6 +114,8 @@ class Conversation:
         self._tools: dict[str, Tool] = {}
         self._resources: list[Any] = []  # MCP sessions, OpenAPI clients: closed with the conversation
         self._gate = ApprovalGate(self._tools, None)
+        self._interpreter: PythonTool | None = None
+        self._run_start = 0  # where the current (or last) run's messages begin
         self.on_approval = on_approval
         self._running = False  # one run at a time: two would interleave their messages
         tools = list(tools)
@@ -123,7 +125,8 @@ class Conversation:
             if not is_code_interpreter(item):
                 self.register(item)  # type: ignore[arg-type]
         if code_interpreter is not False:
-            self.register(PythonTool.start(code_interpreter))
+            self._interpreter = PythonTool.start(code_interpreter)  # closed with this conversation, not its forks
+            self.register(self._interpreter)
 
     # -- tools -------------------------------------------------------------------------------------------
     def register(
@@ -192,6 +195,32 @@ class Conversation:
             self.register(new)
         self._resources.append(resource)
         return tools
+
+    def as_tool(self, name: str, description: str, *, output_type: Any = None, max_depth: int = 3) -> Tool:
+        """This conversation as a tool another can call with `{"task": "..."}`: each call runs the task on a fresh
+        copy of these messages (same model, tools and settings), returns the final answer (the typed output as
+        JSON with `output_type`), and counts its usage into the caller's run. Agents nest at most `max_depth`."""
+        from functionary_agent._agent_tool import agent_tool
+
+        if max_depth < 1:
+            raise ConfigurationError(f"max_depth must be at least 1, got {max_depth}")
+        if output_type is not None:
+            TypedAnswer(output_type)  # refuses a type with no JSON schema now, not at the first call
+        return agent_tool(self, name, description, output_type, max_depth)
+
+    def fork(self) -> Conversation:
+        """A copy for one independent run: the same model, tools (and sandbox), settings and run controls, its own
+        copy of the messages (during a run, those from before it). Closing it closes nothing of this one's."""
+        fork = Conversation(
+            self.model, tools=self.tools, tool_choice=self.tool_choice, max_turns=self.max_turns,
+            parallel_tool_calls=self.parallel_tool_calls, max_concurrency=self.max_concurrency,
+            on_approval=self.on_approval, limits=self.limits, max_result_chars=self.max_result_chars,
+            context_window=self._context.context_window, history=self._context.history,
+            trace_content=self.trace_content, deps=self.deps, output_retries=self.output_retries, **self.settings,
+        )
+        settled = self.messages[: self._run_start] if self._running else self.messages  # not a run in flight
+        fork.messages = [dict(message) for message in settled]
+        return fork
 
     def unregister(self, name: str) -> None:
         self._tools.pop(name, None)
@@ -336,6 +365,7 @@ class Conversation:
             if waiting:
                 raise ApprovalRequired(waiting)
             self._past_usage, self.last_usage = self.usage, Usage()
+            self._run_start = len(self.messages)
         if content is not None:
             self.messages.append({"role": "user", "content": content})
 
@@ -469,9 +499,7 @@ class Conversation:
         """Release what this conversation started (its code sandbox, MCP sessions and OpenAPI clients, a model
         client it created); a model or sandbox passed in stays open. Every one is closed even when some fail:
         one failure is raised as it is, several as a `CloseError` holding them all."""
-        closers: list[Callable[[], Awaitable[object]]] = [
-            tool.aclose for tool in self._tools.values() if isinstance(tool, PythonTool)
-        ]
+        closers: list[Callable[[], Awaitable[object]]] = [self._interpreter.aclose] if self._interpreter else []
         resources, self._resources = self._resources, []
         closers += [resource.aclose for resource in resources]
         if self._owns_model:

@@ -41,6 +41,11 @@ class Usage:
         if isinstance(details, Mapping):
             self.cached_tokens += _count(details.get("cached_tokens"))
 
+    def add(self, other: Usage) -> None:
+        """Count `other` in this one (a sub-agent's run in its caller's)."""
+        for item in fields(self):
+            setattr(self, item.name, getattr(self, item.name) + getattr(other, item.name))
+
     def __add__(self, other: Usage) -> Usage:
         return Usage(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
 

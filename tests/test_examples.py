@@ -41,3 +41,38 @@ def test_remote_weather_example_against_a_server() -> None:
     assert len(lines) == 3
     assert sorted(line.split("(")[0] for line in lines[:2]) == ["get_weather", "get_weather"]
     assert lines[2].startswith("Istanbul is ") and " and Hanoi is " in lines[2]
+
+
+def test_research_team_example_offline() -> None:
+    done = run_example("research_team.py")
+    assert done.returncode == 0, done.stderr
+    answer, usage = done.stdout.splitlines()
+    assert answer.startswith("In short: Tea was first drunk in China") and "Venice in 1645." in answer
+    assert json.loads(usage)["requests"] == 8 and json.loads(usage)["tool_calls"] == 5
+
+
+def test_research_team_example_against_a_server() -> None:
+    def script(body: dict[str, Any]) -> dict[str, Any]:
+        system, last = str(body["messages"][0]["content"]), body["messages"][-1]
+        if system.startswith("You research"):
+            if last["role"] == "tool":
+                return reply(last["content"])
+            topic = "tea" if "tea" in last["content"] else "coffee"
+            return reply(None, [function_call("search_notes", json.dumps({"topic": topic}), id=f"call_{topic}")])
+        if system.startswith("You write"):
+            return reply("Tea reached Europe around 1610. Coffee houses followed by 1645.")
+        done = [m for m in body["messages"] if m["role"] == "tool"]
+        if not done:
+            return reply(None, [function_call("researcher", json.dumps({"task": f"When did {t} reach Europe?"}),
+                                              id=f"call_{t}") for t in ("tea", "coffee")])
+        if len(done) == 2:
+            return reply(None, [function_call("writer", json.dumps({"task": "Facts: " + " ".join(
+                m["content"] for m in done)}), id="call_writer")])
+        return reply(done[-1]["content"])
+
+    with ScriptedServer(handler=script) as server:
+        done = run_example("research_team.py", {"FUNCTIONARY_BASE_URL": server.base_url})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == "Tea reached Europe around 1610. Coffee houses followed by 1645."
+    researched = [m for body in server.requests for m in body["messages"] if m.get("name") == "search_notes"]
+    assert {m["content"][:3] for m in researched} == {"Tea", "Cof"}
