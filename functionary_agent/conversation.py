@@ -94,9 +94,7 @@ class Conversation:
         output_retries: int = 2,
         **settings: Any,
     ) -> None:
-        _check_run_controls(max_turns, max_concurrency, limits, context_window, history)
-        if not isinstance(output_retries, int) or output_retries < 0:
-            raise ConfigurationError(f"output_retries must be 0 or more, got {output_retries!r}")
+        _check_run_controls(max_turns, max_concurrency, limits, context_window, history, output_retries)
         self.model, self._owns_model = _resolve_model(model, base_url, api_key)  # close only what we created
         self.limits = limits or Limits()
         self.max_result_chars = check_result_limit(max_result_chars, "max_result_chars")
@@ -118,14 +116,19 @@ class Conversation:
         self._run_start = 0  # where the current (or last) run's messages begin
         self.on_approval = on_approval
         self._running = False  # one run at a time: two would interleave their messages
-        tools = list(tools)
+        self._register_first(list(tools), code_interpreter)
+
+    def _register_first(
+        self, tools: list[Callable[..., Any] | Tool | Mapping[str, Any]], code_interpreter: Any
+    ) -> None:
+        """The constructor's tools, and the code interpreter (closed with this conversation, not its forks)."""
         if any(is_code_interpreter(item) for item in tools) and code_interpreter is False:
             code_interpreter = True  # tools=[{"type": "code_interpreter"}] asks for it the OpenAI way
         for item in tools:
             if not is_code_interpreter(item):
                 self.register(item)  # type: ignore[arg-type]
         if code_interpreter is not False:
-            self._interpreter = PythonTool.start(code_interpreter)  # closed with this conversation, not its forks
+            self._interpreter = PythonTool.start(code_interpreter)
             self.register(self._interpreter)
 
     # -- tools -------------------------------------------------------------------------------------------
@@ -601,7 +604,8 @@ def _delta_events(delta: Mapping[str, Any], call_ids: dict[int, str]) -> Iterato
 
 
 def _check_run_controls(
-    max_turns: int, max_concurrency: int | None, limits: object, context_window: int | None, history: object
+    max_turns: int, max_concurrency: int | None, limits: object, context_window: int | None, history: object,
+    output_retries: int,
 ) -> None:
     if max_turns < 1:
         raise ConfigurationError(f"max_turns must be at least 1, got {max_turns}")
@@ -613,6 +617,8 @@ def _check_run_controls(
         raise ConfigurationError(f"context_window must be at least 256 tokens (or None), got {context_window!r}")
     if history is not None and not callable(history):
         raise ConfigurationError(f"history must be a function of the messages, got {type(history).__name__}")
+    if not isinstance(output_retries, int) or output_retries < 0:
+        raise ConfigurationError(f"output_retries must be 0 or more, got {output_retries!r}")
 
 
 def _read_saved_messages(path: Path) -> list[dict[str, Any]]:
