@@ -105,13 +105,6 @@ def evidence_text(messages: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(message_text(m.get("content")) for m in messages if m.get("role") in ("user", "system", "tool"))
 
 
-def current_exchange(messages: Sequence[Mapping[str, Any]]) -> Sequence[Mapping[str, Any]]:
-    """The messages from the last user message on: what an answer now draws on (an old tool result must not
-    pull the answer to a new, unrelated question towards copying it)."""
-    starts = [index for index, message in enumerate(messages) if message.get("role") == "user"]
-    return messages[starts[-1]:] if starts else messages
-
-
 _WORD = re.compile(r"[0-9a-z\u00c0-\uffff]+")
 
 

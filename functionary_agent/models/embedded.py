@@ -32,7 +32,6 @@ from functionary_agent.models._steering import (
     FurtherCalls,
     Relevance,
     Review,
-    current_exchange,
     descriptions,
     evidence_text,
     request_text,
@@ -393,7 +392,7 @@ def _plan(fmt: Format, request: _TurnRequest) -> tuple[Any, Any, int]:
         candidates=Relevance(request.tools, request_text(request.messages)).served() if steer else None,
         strong_call=_STRONG_CALL,
         further=FurtherCalls(request_text(request.messages)) if steer else None,
-        copy_source=evidence_text(current_exchange(request.messages)),
+        copy_source=evidence_text(request.messages),
         copy_bias=float(settings.get("copy_bias", _COPY_BIAS if steer else 0.0)),
         copy_examples=descriptions(request.tools),
     )
