@@ -7,6 +7,7 @@ The server runs in the vLLM venv; these tests run in the project's venv and talk
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -22,6 +23,7 @@ from typing import Any
 
 import httpx
 import jsonschema
+import pydantic
 import pytest
 
 from functionary_agent import Conversation
@@ -459,3 +461,16 @@ def test_conversation_runs_against_the_server(server: str) -> None:
     assert seen and seen[0] == "Paris"
     assert any(message["role"] == "tool" for message in chat.messages)
     assert isinstance(answer, str)
+
+
+def test_usage_context_window_and_typed_answers_against_the_server(server: str) -> None:
+    class Weather(pydantic.BaseModel):
+        city: str
+        celsius: int
+
+    with Conversation(base_url=server, max_turns=4, temperature=0, max_tokens=96) as chat:
+        assert asyncio.run(chat.model.acontext_window()) == 4096  # vLLM lists max_model_len
+        answer = chat.submit("It is 21 degrees in Paris. Extract the city and the temperature.", output_type=Weather)
+        assert isinstance(answer, Weather)  # the plugin's grammar makes the final_result call schema-valid
+        list(chat.stream("And say hello."))
+    assert chat.usage.requests >= 2 and chat.usage.prompt_tokens > 0 and chat.usage.completion_tokens > 0
