@@ -8,6 +8,10 @@ cannot recover from.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from functionary_agent.models.base import ToolCall
 
 
 class FunctionaryAgentError(Exception):
@@ -41,8 +45,8 @@ class ApprovalRequired(FunctionaryAgentError):
     the last one); `chat.resume({call.id: True, other.id: "reason to decline"})` goes on, in this process or after
     `save`/`load` in another."""
 
-    def __init__(self, calls: Sequence[object]) -> None:
-        names = ", ".join(f"{getattr(c, 'name', '?')} ({getattr(c, 'id', '?')})" for c in calls)
+    def __init__(self, calls: Sequence[ToolCall]) -> None:
+        names = ", ".join(f"{call.name} ({call.id})" for call in calls)
         super().__init__(f"waiting for approval of {names}; answer with chat.resume({{call_id: True/False/reason}})")
         self.calls = list(calls)
 

@@ -40,7 +40,17 @@ from functionary_agent._calls import CANCELLED
 from functionary_agent._interpreter import PYTHON, PythonTool
 from functionary_agent._openai_messages import code_of, message_text
 from functionary_agent._text import compact_json, shorten
-from functionary_agent.events import Event, FinalAnswer, TextDelta, ToolCallArgumentsDelta, ToolCallStarted, ToolResult
+from functionary_agent.errors import ApprovalRequired
+from functionary_agent.events import (
+    ApprovalRequested,
+    Event,
+    FinalAnswer,
+    TextDelta,
+    ToolCallArgumentsDelta,
+    ToolCallStarted,
+    ToolResult,
+)
+from functionary_agent.models.base import ToolCall
 
 if TYPE_CHECKING:
     from markdown_it import MarkdownIt
@@ -695,7 +705,9 @@ class LiveDisplay:
     """
 
     def __init__(self, *, resolve_image: ImageResolver | None = None, show: Show | None = None,
-                 min_interval: float = 0.1, clock: Callable[[], float] = time.monotonic) -> None:
+                 min_interval: float = 0.1, clock: Callable[[], float] = time.monotonic,
+                 ask: Callable[[list[ToolCall]], Any] | None = None) -> None:
+        self._ask = ask  # shows the buttons for calls that wait for approval (None: the resume line only)
         self._show = show or _ipython_show
         self._resolve = resolve_image
         self._interval = min_interval
@@ -726,6 +738,8 @@ class LiveDisplay:
             if live is not None:
                 live.call.arguments += event.delta
                 live.refresh()
+        elif isinstance(event, ApprovalRequested):
+            self._on_approval(event.calls)
         elif isinstance(event, FinalAnswer):
             self.answer = event.content
             if not self._turn_text.strip() and event.content.strip():  # a model that did not stream its text
@@ -738,7 +752,11 @@ class LiveDisplay:
             output.flush()
 
     def fail(self, error: BaseException) -> None:
-        """Mark the run as stopped: calls still running are cancelled, and a red box says what ended it."""
+        """Mark the run as stopped: calls still running are cancelled, and a red box says what ended it (a pause
+        for approval has its own box already)."""
+        if isinstance(error, ApprovalRequired):
+            self.finish()
+            return
         for live in self._calls:
             if live.call.state == "running":
                 live.call.state = "cancelled"
@@ -759,6 +777,16 @@ class LiveDisplay:
                 self._text = self._new_output(_text_bundle(self._text_value, self._resolve))
         else:
             self._text.set(functools.partial(_text_bundle, self._text_value, self._resolve))
+
+    def _on_approval(self, calls: list[ToolCall]) -> None:
+        """The run paused: show what waits and how to answer, then end the run the way `submit` does."""
+        from functionary_agent._notebook_approvals import pending_bundle
+
+        self._new_output(pending_bundle(calls, with_buttons=self._ask is not None))
+        self.finish()
+        if self._ask is not None:
+            self._ask(calls)
+        raise ApprovalRequired(calls)
 
     def _on_call_started(self, event: ToolCallStarted) -> None:
         self._close_text()
@@ -840,7 +868,16 @@ def _live_display(chat: Conversation) -> LiveDisplay:
     if _shell() is None:
         logger.warning("no IPython shell is running: the run is not displayed")
         return LiveDisplay(show=_no_show)
-    return LiveDisplay(resolve_image=image_resolver(chat))
+    from functionary_agent._notebook_approvals import approval_panel, widgets_available
+
+    ask = None
+    if widgets_available():
+        def ask(calls: list[ToolCall]) -> None:
+            from IPython.display import display
+
+            display(approval_panel(chat, calls))
+
+    return LiveDisplay(resolve_image=image_resolver(chat), ask=ask)
 
 
 def _shown(answer: str) -> str:

@@ -349,3 +349,54 @@ def test_example_notebook_runs_headless_and_shows_the_run() -> None:
     restored = _tagged(notebook, "save-load").outputs[0]["text"]
     assert restored.startswith("15 messages restored") and "Istanbul is the warmest" in restored
     assert _shown(_tagged(notebook, "continue"), "text/markdown") == ["You're welcome!"]
+
+
+_APPROVAL_SETUP = """
+from functionary_agent import ApprovalRequired, Conversation
+from functionary_agent.testing import ScriptedModel, call
+DELETED = []
+def delete_file(path: str) -> str:
+    DELETED.append(path)
+    return "deleted " + path
+chat = Conversation(ScriptedModel([{"tool_calls": [call("delete_file", {"path": "a.txt"}, id="call_del")]},
+                                   "Deleted a.txt."]))
+chat.register(delete_file, approve=True)
+"""
+
+
+def test_a_paused_run_shows_the_waiting_call_and_the_resume_line() -> None:
+    nbformat = pytest.importorskip("nbformat")
+    cells = [
+        _APPROVAL_SETUP + "import functionary_agent._notebook_approvals as approvals\n"
+        "approvals.widgets_available = lambda: False  # as without ipywidgets",
+        "try:\n    chat.submit('Delete a.txt', display=True)\nexcept ApprovalRequired as paused:\n    print('paused')",
+        "print(chat.resume({'call_del': True}), DELETED)",
+    ]
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source) for source in cells])
+    _, paused, resumed = _execute(notebook, ROOT).cells
+    (box,) = [text for text in _shown(paused, "text/plain") if "Waiting for your approval" in text]
+    assert 'delete_file({"path": "a.txt"})' in box and 'chat.resume({"call_del": True})' in box
+    assert "buttons" not in box
+    assert [out["text"] for out in paused.outputs if out["output_type"] == "stream"] == ["paused\n"]
+    assert resumed.outputs[0]["text"] == "Deleted a.txt. ['a.txt']\n"
+
+
+def test_with_ipywidgets_the_buttons_answer_and_the_run_goes_on() -> None:
+    nbformat = pytest.importorskip("nbformat")
+    pytest.importorskip("ipywidgets")
+    cells = [
+        _APPROVAL_SETUP,
+        "try:\n    chat.submit('Delete a.txt', display=True)\nexcept ApprovalRequired:\n    pass",
+        "from functionary_agent._notebook_approvals import approval_panel\n"
+        "panel = approval_panel(chat, chat.pending_approvals)\n"
+        "row = panel.children[0]\n"
+        "print(row.children[0].value)\n"
+        "row.children[1].click()  # Run\n"
+        "print(DELETED, chat.messages[-1]['content'], row.children[2].disabled)",
+    ]
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source) for source in cells])
+    _, paused, clicked = _execute(notebook, ROOT).cells
+    assert any("application/vnd.jupyter.widget-view+json" in out.get("data", {}) for out in paused.outputs)
+    assert any("Answer with the buttons below" in text for text in _shown(paused, "text/plain"))
+    printed = "".join(out.get("text", "") for out in clicked.outputs if out["output_type"] == "stream")
+    assert printed == 'delete_file({"path": "a.txt"})\n[\'a.txt\'] Deleted a.txt. True\n'
