@@ -8,6 +8,7 @@ So titles go and references are inlined, except where a model really recurs (inl
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Mapping
 from typing import Any
 
 # Keys whose value is a schema, a list of schemas, or a map from names to schemas (JSON Schema 2020-12).
@@ -15,11 +16,13 @@ _SCHEMA_KEYS = ("items", "additionalProperties", "not", "contains", "if", "then"
 _SCHEMA_LIST_KEYS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SCHEMA_MAP_KEYS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 
+Walk = Callable[[Any, tuple[str, ...]], Any]
+"""What `map_subschemas` does to a subschema (or a list of them), told the keys that lead to it from its parent."""
+
 
 def clean_schema(schema: dict[str, Any]) -> dict[str, Any]:
     """A copy of `schema` without `title` keys and with non-recursive `$ref`s inlined."""
-    result = inline_refs(schema)
-    _strip_titles(result)
+    result: dict[str, Any] = _without_titles(inline_refs(schema))
     return result
 
 
@@ -58,29 +61,35 @@ def _inline(node: Any, defs: dict[str, Any], stack: tuple[str, ...], kept: dict[
         siblings = {key: value for key, value in node.items() if key != "$ref"}
         target = _inline(defs[name], defs, (*stack, name), kept)
         return {**target, **_inline(siblings, defs, stack, kept)}
+    return map_subschemas(node, lambda sub, _keys: _inline(sub, defs, stack, kept))
+
+
+def map_subschemas(
+    node: Mapping[str, Any], walk: Walk, other: Callable[[str, Any], Any] | None = None
+) -> dict[str, Any]:
+    """A copy of the schema `node` in which each value that holds schemas becomes `walk(value, keys)`: a subschema
+    (`items`, ...) or a list of them (`anyOf`, ...) with keys `(key,)`, each entry of a map of them (`properties`,
+    `$defs`, ...) with keys `(key, name)`. Every other keyword's value becomes `other(key, value)` (by default
+    stays as it is). The one table of JSON Schema's keywords for every walk over schemas."""
     out: dict[str, Any] = {}
     for key, value in node.items():
         if key in _SCHEMA_MAP_KEYS and isinstance(value, dict):
-            out[key] = {prop: _inline(sub, defs, stack, kept) for prop, sub in value.items()}
+            out[key] = {name: walk(sub, (key, name)) for name, sub in value.items()}
         elif key in _SCHEMA_KEYS or key in _SCHEMA_LIST_KEYS:
-            out[key] = _inline(value, defs, stack, kept)
+            out[key] = walk(value, (key,))
         else:
-            out[key] = value
+            out[key] = value if other is None else other(key, value)
     return out
 
 
-def _strip_titles(node: Any) -> None:
-    """Remove `title` from every schema node, leaving properties that happen to be named "title" intact."""
+def _without_titles(node: Any) -> Any:
+    """A copy of `node` without `title` on any schema node; properties that happen to be named "title" stay."""
     if isinstance(node, list):
-        for item in node:
-            _strip_titles(item)
-        return
+        return [_without_titles(item) for item in node]
     if not isinstance(node, dict):
-        return
-    node.pop("title", None)
-    for key, value in node.items():
-        if key in _SCHEMA_MAP_KEYS and isinstance(value, dict):
-            for sub in value.values():
-                _strip_titles(sub)
-        elif key in _SCHEMA_KEYS or key in _SCHEMA_LIST_KEYS:
-            _strip_titles(value)
+        return node
+    return map_subschemas({key: value for key, value in node.items() if key != "title"}, _walk_without_titles)
+
+
+def _walk_without_titles(node: Any, keys: tuple[str, ...]) -> Any:
+    return _without_titles(node)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import html
 import json
@@ -886,27 +887,29 @@ def _shown(answer: str) -> str:
     return shown
 
 
-def submit_with_display(chat: Conversation, content: Content = None) -> str:
-    """`chat.submit(content)`, shown live in the notebook; returns the final answer."""
+@contextlib.contextmanager
+def _displayed_run(chat: Conversation) -> Iterator[LiveDisplay]:
+    """The live display of one run: the caller feeds it the run's events; a failure is shown, then raised."""
     live = _live_display(chat)
     try:
-        for event in chat.stream(content):
-            live.handle(event)
+        yield live
     except BaseException as exc:
         live.fail(exc)
         raise
     live.finish()
+
+
+def submit_with_display(chat: Conversation, content: Content = None) -> str:
+    """`chat.submit(content)`, shown live in the notebook; returns the final answer."""
+    with _displayed_run(chat) as live:
+        for event in chat.stream(content):
+            live.handle(event)
     return _shown(live.answer)
 
 
 async def asubmit_with_display(chat: Conversation, content: Content = None) -> str:
     """`await chat.asubmit(content)`, shown live in the notebook; returns the final answer."""
-    live = _live_display(chat)
-    try:
+    with _displayed_run(chat) as live:
         async for event in chat.astream(content):
             live.handle(event)
-    except BaseException as exc:
-        live.fail(exc)
-        raise
-    live.finish()
     return _shown(live.answer)

@@ -26,6 +26,7 @@ from typing import Any, TextIO, TypeVar
 
 from functionary_agent.errors import ConfigurationError
 from functionary_agent.integrations._http_guard import Origin, RequestGuard
+from functionary_agent.integrations._shared import has_stopped, on_loop
 from functionary_agent.tools import Tool, unique_tool_name
 
 try:
@@ -129,8 +130,7 @@ class MCPConnection:
         """End the session and, for stdio, the server process. Safe to call twice."""
         if self._owner is None or self._owner.done():
             return
-        running = asyncio.get_running_loop()
-        if running is not self._loop and (self._loop.is_closed() or not self._loop.is_running()):
+        if has_stopped(self._loop):
             return  # the owning loop has stopped; its shutdown cancelled the owner, which closed the session
         await _on_loop(self._loop, self._shutdown)
 
@@ -396,8 +396,6 @@ def _innermost(exc: BaseException) -> BaseException:
 
 async def _on_loop(loop: asyncio.AbstractEventLoop, make: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run on `loop`, which owns the session's streams; from another loop, hand the work over and wait."""
-    if asyncio.get_running_loop() is loop:
-        return await make()
-    if loop.is_closed() or not loop.is_running():
+    if has_stopped(loop):
         raise MCPServerError("the MCP session's event loop has stopped; open the connection again")
-    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(make(), loop))
+    return await on_loop(loop, make)

@@ -30,9 +30,11 @@ from pathlib import Path
 from typing import Any, Literal, NoReturn, TypeVar
 from urllib.parse import quote, unquote, urljoin
 
+from functionary_agent._schema import map_subschemas
 from functionary_agent._text import cut
 from functionary_agent.errors import ConfigurationError
 from functionary_agent.integrations._http_guard import Origin, RequestGuard, RequestRefused
+from functionary_agent.integrations._shared import has_stopped, on_loop
 from functionary_agent.tools import Tool, unique_tool_name
 
 try:
@@ -52,10 +54,8 @@ _Where = tuple[str | int, ...]  # a JSON pointer into the document, as its parts
 _METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 _LOCATIONS = ("path", "query", "header", "cookie")
 _IGNORED_HEADERS = {"accept", "content-type", "authorization"}  # OpenAPI: such header parameters are ignored
-_SCHEMA_KEYS = ("items", "additionalProperties", "not", "contains", "if", "then", "else", "propertyNames")
-_SCHEMA_LIST_KEYS = ("allOf", "anyOf", "oneOf", "prefixItems")
-_SCHEMA_MAP_KEYS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
-_NOISE_KEYS = ("title", "xml", "externalDocs", "discriminator")  # titles are noise tokens to a model
+# Keywords dropped from schemas, none of them a schema keyword of `map_subschemas`: titles are noise tokens to a model.
+_NOISE_KEYS = ("title", "xml", "externalDocs", "discriminator")
 _ERROR_BODY_CHARS = 1000
 _MAX_REDIRECTS = 5
 _MAX_DOCUMENT_NODES = 500_000  # schema nodes inlined for the whole document
@@ -161,7 +161,7 @@ class OpenAPITools:
         self._closed = True
         if self._client.is_closed:
             return
-        if asyncio.get_running_loop() is not self._loop and not self._loop.is_running():
+        if has_stopped(self._loop):
             return  # that loop has stopped, and its connections went with it
         await self._on_own_loop(self._client.aclose)
 
@@ -173,14 +173,13 @@ class OpenAPITools:
 
     async def _on_own_loop(self, make: Callable[[], Coroutine[Any, Any, T]]) -> T:
         """The client's connections belong to the loop that made them: use it, or make a new client here when
-        that loop has stopped (a second `asyncio.run`, say)."""
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop and not self._closed:
-            if self._loop.is_running() and not self._loop.is_closed():
-                return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(make(), self._loop))
+        that loop has stopped (a second `asyncio.run`, say). Once closed, everything runs here."""
+        if self._closed:
+            return await make()
+        if has_stopped(self._loop):
             self._client = httpx.AsyncClient(**self._settings)
-            self._loop = loop
-        return await make()
+            self._loop = asyncio.get_running_loop()
+        return await on_loop(self._loop, make)
 
     async def _send(self, op: Operation, arguments: dict[str, Any]) -> str:
         request = _build_request(op, arguments)
@@ -770,16 +769,13 @@ class _Refs:
         if isinstance(ref, str):
             siblings = {k: self._schema(v, stack, (*where, k), depth + 1) for k, v in node.items() if k != "$ref"}
             return {**self._resolve(ref, stack, where, depth), **siblings}
-        out: dict[str, Any] = {}
-        for key, value in node.items():
-            at = (*where, key)
-            if key in _SCHEMA_MAP_KEYS and isinstance(value, dict):
-                out[key] = {name: self._schema(sub, stack, (*at, name), depth + 1) for name, sub in value.items()}
-            elif key in _SCHEMA_KEYS or key in _SCHEMA_LIST_KEYS:
-                out[key] = self._schema(value, stack, at, depth + 1)
-            elif key not in _NOISE_KEYS:
-                out[key] = self._value(value, at, depth + 1)
-        return _request_view(out)
+        return _request_view(
+            map_subschemas(
+                {key: value for key, value in node.items() if key not in _NOISE_KEYS},
+                lambda sub, keys: self._schema(sub, stack, (*where, *keys), depth + 1),
+                lambda key, value: self._value(value, (*where, key), depth + 1),
+            )
+        )
 
     def _value(self, value: Any, where: _Where, depth: int) -> Any:
         """A keyword's value (enum, default, example, ...), copied within the budget: YAML aliases may share one
