@@ -29,7 +29,7 @@ DECLINED = "Error: the user declined this call"
 
 
 @dataclass
-class Review:
+class TurnApprovals:
     """A turn's calls after review: which run, which were declined (by call position, with their tool message),
     and which still wait for a person."""
 
@@ -55,8 +55,8 @@ class ApprovalGate:
             logger.debug("approval predicate of %s failed; asking", call.name, exc_info=True)
             return True
 
-    async def review(self, calls: Sequence[ToolCall], decisions: Mapping[str, Decision] | None = None) -> Review:
-        review = Review()
+    async def review(self, calls: Sequence[ToolCall], decisions: Mapping[str, Decision] | None = None) -> TurnApprovals:
+        review = TurnApprovals()
         for index, call in enumerate(calls):
             if not self.needs_approval(call):
                 review.run.append(index)
