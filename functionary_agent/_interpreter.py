@@ -52,7 +52,10 @@ class PythonTool(Tool):
         if isinstance(option, KernelSandbox):
             box, owned = option, False
         else:
-            box, owned = KernelSandbox(**(dict(option) if isinstance(option, Mapping) else {})), True
+            try:
+                box, owned = KernelSandbox(**(dict(option) if isinstance(option, Mapping) else {})), True
+            except (TypeError, ValueError) as exc:  # an unknown setting, a bad limit, gateway_url with local limits
+                raise ConfigurationError(f"code_interpreter settings: {exc}") from None
         box.start_background()
         return cls(box, owns_sandbox=owned)
 

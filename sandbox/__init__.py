@@ -1,7 +1,9 @@
-"""A code interpreter for models: a Jupyter kernel behind OS limits.
+"""A code interpreter for models: a Jupyter kernel behind OS limits, or on a Jupyter Kernel Gateway.
 
     from sandbox import KernelSandbox
     with KernelSandbox(timeout=60, network=False) as box:
+        print(box.execute("1 + 1").to_model_text())
+    with KernelSandbox(gateway_url="https://gateway.example:8888", token="...") as box:  # a remote kernel
         print(box.execute("1 + 1").to_model_text())
 
 This package never imports `functionary_agent`; the conversation adapts it into the model's `python` tool.
@@ -9,7 +11,13 @@ This package never imports `functionary_agent`; the conversation adapts it into 
 
 from __future__ import annotations
 
-from .errors import IsolationUnavailableError, KernelStartError, SandboxClosedError, SandboxError
+from .errors import (
+    IsolationUnavailableError,
+    KernelStartError,
+    SandboxClosedError,
+    SandboxConfigurationError,
+    SandboxError,
+)
 from .isolation import ENV_ALLOWLIST, Isolation
 from .kernel import KernelSandbox
 from .result import CellError, ExecutionResult
@@ -23,5 +31,6 @@ __all__ = [
     "KernelSandbox",
     "KernelStartError",
     "SandboxClosedError",
+    "SandboxConfigurationError",
     "SandboxError",
 ]

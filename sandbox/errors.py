@@ -21,3 +21,8 @@ class KernelStartError(SandboxError):
 
 class SandboxClosedError(SandboxError):
     """The sandbox was used after `close()`."""
+
+
+class SandboxConfigurationError(SandboxError, ValueError):
+    """Settings that cannot work: a gateway URL that is not http(s), a local-only limit (such as `memory_mb`)
+    together with `gateway_url`, or a backend whose packages are not installed. The message names the fix."""

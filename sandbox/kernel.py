@@ -1,14 +1,18 @@
 """`KernelSandbox`: the public face of the code interpreter.
 
-A thin synchronous and asynchronous facade over `Engine`, which runs on a private loop thread. The kernel is
-killed by `close()`, by garbage collection, or at interpreter exit (a `weakref.finalize` that needs no reference
-to the sandbox), and ipykernel itself exits when its parent process disappears: no orphan kernel survives us.
+A thin synchronous and asynchronous facade over an engine that runs on a private loop thread: `engine.Engine` for
+a local kernel behind OS limits, or `gateway_engine.GatewayEngine` for a kernel on a Jupyter Kernel Gateway or
+Enterprise Gateway (`gateway_url=...`). A local kernel is killed by `close()`, by garbage collection, or at
+interpreter exit (a `weakref.finalize` that needs no reference to the sandbox), and ipykernel itself exits when
+its parent process disappears: no orphan kernel survives us. A remote kernel is deleted on the gateway by the same
+paths. Each backend's packages are imported only when it is used.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import inspect
 import logging
 import os
 import shutil
@@ -18,19 +22,48 @@ import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
+from typing import Protocol
 
-from .engine import Engine
-from .errors import SandboxClosedError
+from .errors import SandboxClosedError, SandboxConfigurationError
 from .isolation import Isolation, host_support, plan_isolation
 from .janitor import sweep_leftovers
 from .loop import LoopThread
-from .process import KernelSettings
 from .result import ExecutionResult
 from .workdir import hand_over
 
 logger = logging.getLogger(__name__)
 
 _MIN_PROCESSES = 16  # ipykernel alone runs about ten threads, and Linux counts threads as processes
+_LOCAL_ONLY = ("memory_mb", "max_processes", "network", "isolation", "max_file_mb", "python")
+
+#: `KernelSandbox.isolation` of a sandbox whose kernel runs on a gateway: nothing of this machine applies to it.
+GATEWAY_ISOLATION = Isolation(
+    mode="gateway", network_blocked=False, process_limit="gateway", uid=-1, gid=-1, capabilities_dropped=False
+)
+
+
+class _KernelBackend(Protocol):
+    """What the sandbox drives: `engine.Engine` (a local kernel) or `gateway_engine.GatewayEngine`."""
+
+    visible_workdir: str
+
+    @property
+    def kernel_pid(self) -> int | None: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+    def start_soon(self) -> None: ...
+
+    async def kernel(self) -> object: ...
+
+    async def execute(self, code: str, timeout: float) -> ExecutionResult: ...
+
+    async def reset(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    def kill_now(self) -> None: ...
 
 
 class KernelSandbox:
@@ -47,6 +80,20 @@ class KernelSandbox:
     is raised; `isolation="none"` (with `network=True`) is the explicit opt-out that runs the kernel as you.
     As root the kernel gets a dedicated uid: a `workdir` you pass is handed to it (ownership of its entries) while
     the sandbox is open and given back to the folder's owner on close.
+
+    `gateway_url="http(s)://host:port[/prefix]"` runs the kernel on a Jupyter Kernel Gateway or Enterprise Gateway
+    instead (`pip install "functionary-agent[gateway]"`), started through its REST API (`kernel_name`, default:
+    the gateway's default kernel) and driven over its websocket; `token` is sent to that origin only, as
+    `Authorization: token ...`. Timeouts (interrupt, then a restart through the gateway), output bounds, saved
+    images, `reset()` and `close()` (which deletes the kernel on the gateway) behave as they do locally. OS limits,
+    network and files are the gateway's business: the local-only settings (`memory_mb`, `max_processes`,
+    `max_file_mb`, `network`, `isolation`, `python`) raise `SandboxConfigurationError` when given a value other
+    than their default together with `gateway_url` (and the default `network=False` is *not* enforced there).
+    The kernel works in the gateway machine's folders: `/mnt/data` and `workdir` are not shared with it; `workdir`
+    only receives the images, and `ExecutionResult.files` stays empty. `env` is sent with the start request, where
+    the gateway keeps the variables it allows (Kernel Gateway: `KERNEL_*` and its `env_whitelist`). Unreachable
+    gateways and refused tokens raise `KernelStartError` with the URL and the reason; a connection lost during a
+    cell is reported in that cell's result, like a dead local kernel.
     """
 
     def __init__(
@@ -64,18 +111,49 @@ class KernelSandbox:
         interrupt_grace: float = 1.0,
         startup_timeout: float = 60.0,
         python: str | None = None,
+        gateway_url: str | None = None,
+        token: str | None = None,
+        kernel_name: str | None = None,
     ) -> None:
         _check_limits(timeout, memory_mb, max_processes, max_output_chars, max_file_mb)
+        self.timeout = float(timeout)
+        owned = workdir is None
+        common = (workdir, max_output_chars, dict(env or {}), startup_timeout, interrupt_grace)
+        if gateway_url is None:
+            if token is not None or kernel_name is not None:
+                raise SandboxConfigurationError("token and kernel_name are gateway settings: pass gateway_url=...")
+            self._engine, give_back = self._local_engine(
+                *common, memory_mb=memory_mb, max_processes=max_processes, network=network, isolation=isolation,
+                max_file_mb=max_file_mb, python=python,
+            )
+        else:
+            _refuse_local_settings(
+                memory_mb=memory_mb, max_processes=max_processes, network=network, isolation=isolation,
+                max_file_mb=max_file_mb, python=python,
+            )
+            self._engine, give_back = self._gateway_engine(*common, gateway_url, token, kernel_name), None
+        self._loop = LoopThread("sandbox-kernel-loop")
+        self._finalizer = weakref.finalize(
+            self, _shutdown, self._loop, self._engine, self.workdir if owned else None, None if owned else give_back
+        )
+
+    def _local_engine(
+        self, workdir: str | Path | None, max_output_chars: int, env: dict[str, str], startup_timeout: float,
+        interrupt_grace: float, *, memory_mb: int, max_processes: int, network: bool, isolation: str,
+        max_file_mb: int, python: str | None,
+    ) -> tuple[_KernelBackend, Callable[[], None] | None]:
+        try:
+            from .engine import Engine
+            from .process import KernelSettings
+        except ImportError as exc:
+            raise SandboxConfigurationError(
+                f"a local kernel needs jupyter-client and ipykernel: pip install 'functionary-agent[sandbox]' ({exc});"
+                " or pass gateway_url=... to run the kernel on a Jupyter Kernel Gateway"
+            ) from None
         support = host_support()
         sweep_leftovers(support.pids_cgroup_root)
         self.isolation: Isolation = plan_isolation(network, isolation, support)
-        self.timeout = float(timeout)
-        owned = workdir is None
-        if workdir is None:
-            self.workdir = Path(tempfile.mkdtemp(prefix=f"kernelsandbox-work-{os.getpid()}-"))
-        else:
-            self.workdir = Path(workdir).expanduser().resolve()
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = _make_workdir(workdir)
         give_back = None
         if self.isolation.mode == "root":
             give_back = hand_over(self.workdir, self.isolation.uid, self.isolation.gid)
@@ -89,13 +167,29 @@ class KernelSandbox:
             max_output_chars=max_output_chars,
             startup_timeout=startup_timeout,
             python=python or sys.executable,
-            env=dict(env or {}),
+            env=env,
         )
-        self._engine = Engine(settings, interrupt_grace)
-        self._loop = LoopThread("sandbox-kernel-loop")
-        self._finalizer = weakref.finalize(
-            self, _shutdown, self._loop, self._engine, self.workdir if owned else None, None if owned else give_back
+        return Engine(settings, interrupt_grace), give_back
+
+    def _gateway_engine(
+        self, workdir: str | Path | None, max_output_chars: int, env: dict[str, str], startup_timeout: float,
+        interrupt_grace: float, url: str, token: str | None, kernel_name: str | None,
+    ) -> _KernelBackend:
+        try:
+            from .gateway import GatewayAddress
+            from .gateway_engine import GatewayEngine, GatewaySettings
+        except ImportError as exc:
+            raise SandboxConfigurationError(
+                f"gateway_url needs httpx and websockets: pip install 'functionary-agent[gateway]' ({exc})"
+            ) from None
+        GatewayAddress.parse(url)  # a bad URL fails before anything is made
+        self.isolation = GATEWAY_ISOLATION
+        self.workdir = _make_workdir(workdir)
+        settings = GatewaySettings(
+            url=url, token=token, kernel_name=kernel_name, workdir=self.workdir, max_output_chars=max_output_chars,
+            startup_timeout=startup_timeout, env=env,
         )
+        return GatewayEngine(settings, interrupt_grace)
 
     @property
     def data_path(self) -> str:
@@ -104,7 +198,7 @@ class KernelSandbox:
 
     @property
     def kernel_pid(self) -> int | None:
-        """Pid of the running kernel process (None before start and after close)."""
+        """Pid of the running kernel process (None before start and after close, and for a gateway's kernel)."""
         return self._engine.kernel_pid
 
     @property
@@ -199,7 +293,28 @@ def _check_limits(timeout: float, memory_mb: int, max_processes: int, max_output
         raise ValueError("max_file_mb must be >= 1")
 
 
-def _shutdown(loop: LoopThread, engine: Engine, workdir: Path | None, give_back: Callable[[], None] | None) -> None:
+def _refuse_local_settings(**given: object) -> None:
+    """With `gateway_url`, a local-only setting changed from its default would be silently ignored: refuse it."""
+    defaults = inspect.signature(KernelSandbox.__init__).parameters
+    changed = [name for name in _LOCAL_ONLY if given[name] != defaults[name].default]
+    if changed:
+        raise SandboxConfigurationError(
+            f"{', '.join(changed)} cannot be set with gateway_url: the gateway decides its kernels' OS limits, "
+            "network and files (configure them there, e.g. in its kernelspecs or Kubernetes pod templates)"
+        )
+
+
+def _make_workdir(workdir: str | Path | None) -> Path:
+    if workdir is None:
+        return Path(tempfile.mkdtemp(prefix=f"kernelsandbox-work-{os.getpid()}-"))
+    path = Path(workdir).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _shutdown(
+    loop: LoopThread, engine: _KernelBackend, workdir: Path | None, give_back: Callable[[], None] | None
+) -> None:
     """Close on the loop when it still runs, then kill at OS level whatever remains; never raises."""
     try:
         if loop.running and not loop.in_loop_thread():
