@@ -1,19 +1,24 @@
-"""`functionary-agent run` (one question), `functionary-agent chat` (a terminal REPL) and `functionary-agent serve`
-(vLLM's server with our plugin, see `functionary_agent.server.cli`).
+"""`functionary-agent run` (one question), `functionary-agent chat` (a terminal REPL), `functionary-agent batch`
+(a JSONL file of questions, many at once, see `functionary_agent.batch`) and `functionary-agent serve` (vLLM's
+server with our plugin, see `functionary_agent.server.cli`).
 
-Exit status: 0 with an answer, 2 for a usage error (bad flags, a tools file that cannot be loaded), 1 when the
-model or its server fails, or anything else goes wrong. Errors are one line on stderr, never a traceback, unless
-`--debug` asks for one.
+Exit status: 0 with an answer, 2 for a usage error (bad flags, a tools file that cannot be loaded, bad batch input),
+1 when the model or its server fails (for `batch`: when some items failed), or anything else goes wrong; 130 after
+Ctrl-C. Errors are one line on stderr, never a traceback, unless `--debug` asks for one.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import os
 import sys
+import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from functionary_agent._terminal import Reporter
 from functionary_agent._tool_files import load_tools
@@ -21,6 +26,9 @@ from functionary_agent.conversation import Conversation
 from functionary_agent.errors import ConfigurationError, FunctionaryAgentError, ToolDefinitionError
 from functionary_agent.models import embedded_model
 from functionary_agent.server.cli import add_serve_parser
+
+if TYPE_CHECKING:
+    from functionary_agent.batch import BatchItem, BatchOutput, BatchSettings, Record
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -58,16 +66,49 @@ def _parser() -> argparse.ArgumentParser:
     chat = commands.add_parser("chat", help="an interactive chat in the terminal (/help for commands)")
     _add_conversation_options(chat)
     chat.set_defaults(handler=_chat)
+    _add_batch_parser(commands)
     add_serve_parser(commands)
     return parser
 
 
+def _add_batch_parser(commands: Any) -> None:
+    batch = commands.add_parser(
+        "batch", help="answer every item of a JSONL file, many at once; a rerun resumes",
+        description='Input lines: {"id": ..., "prompt": "..."} or {"id": ..., "messages": [...]} (optional '
+        '"tool_choice"). Output lines: {"id", "answer", "error", "usage", "seconds", "messages"}. A rerun skips the '
+        "ids answered in --output and retries the failed ones.",
+    )
+    batch.add_argument("input", help="JSONL file of items")
+    batch.add_argument("--output", "-o", required=True, help="JSONL file of results (appended to, resumed)")
+    _add_model_options(batch)
+    batch.add_argument("--concurrency", type=_positive_int, default=16,
+                       help="conversations under way at once (per Ray worker with --ray; default: 16)")
+    batch.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                       help="run on Ray: the cluster at ADDRESS (HOST:PORT, ray://HOST:PORT, auto), or without "
+                       "one a cluster this machine runs, else a new local Ray (pip install 'functionary-agent[ray]')")
+    batch.set_defaults(handler=_batch)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _add_conversation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--code-interpreter", action="store_true",
+                        help="give the model a sandboxed Python kernel (the `python` tool)")
+    _add_model_options(parser)
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tools", action="append", default=[], metavar="FILE_OR_MODULE",
                         help="Python file or module whose @tool functions (or public functions) become tools; "
                         "repeatable")
-    parser.add_argument("--code-interpreter", action="store_true",
-                        help="give the model a sandboxed Python kernel (the `python` tool)")
     parser.add_argument("--base-url", default=os.environ.get("FUNCTIONARY_BASE_URL"),
                         help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (default: $FUNCTIONARY_BASE_URL)")
     parser.add_argument("--model", default=os.environ.get("FUNCTIONARY_MODEL"),
@@ -122,6 +163,86 @@ def _chat(args: argparse.Namespace) -> int:
     with _conversation(args) as chat:
         Repl(chat, Reporter(sys.stdout, quiet=False, live=sys.stdout.isatty())).loop()
     return EXIT_OK
+
+
+def _batch(args: argparse.Namespace) -> int:
+    from functionary_agent import batch
+
+    items, settings = _batch_plan(args)
+    started = time.perf_counter()
+    todo: list[BatchItem] = []
+    with contextlib.ExitStack() as stack:
+        output = _enter_batch_target(stack, args)
+        try:
+            todo = output.pending(items)
+            progress = stack.enter_context(batch.TerminalProgress(len(todo), live=sys.stderr.isatty(), out=sys.stderr))
+
+            def deliver(record: Record) -> None:
+                if output.write(record):
+                    progress(record)
+
+            _answer_batch(todo, settings, args, deliver)
+        except KeyboardInterrupt:
+            stack.close()  # the progress line goes, a local Ray stops
+            left = len(todo) - output.answered - output.failed
+            print(f"interrupted: {_counts(output)} written to {args.output}, {left} not yet; run the same command "
+                  "again to resume", file=sys.stderr)
+            return 130
+    skipped = f", {len(items) - len(todo)} skipped (answered before)" if len(todo) < len(items) else ""
+    retry = "; run the same command again to retry the failed ones" if output.failed else ""
+    print(f"batch done in {time.perf_counter() - started:.1f} s: {_counts(output)}{skipped}; results in "
+          f"{args.output}{retry}", file=sys.stderr)
+    return EXIT_FAILED if output.failed else EXIT_OK
+
+
+def _batch_plan(args: argparse.Namespace) -> tuple[list[BatchItem], BatchSettings]:
+    """The items and the settings, both checked before anything runs or is written: problems are usage errors."""
+    from functionary_agent.batch import BatchSettings, read_items
+
+    settings = BatchSettings(
+        tools=tuple(args.tools), base_url=args.base_url, model=args.model, format=args.format, system=args.system,
+        max_turns=args.max_turns, api_key=os.environ.get("FUNCTIONARY_API_KEY"),
+    )
+    try:
+        items = read_items(args.input)
+        settings.check()
+    except (ConfigurationError, ToolDefinitionError) as exc:
+        raise _UsageError(str(exc) if isinstance(exc, ConfigurationError) else f"cannot load tools: {exc}") from None
+    return items, settings
+
+
+def _enter_batch_target(stack: contextlib.ExitStack, args: argparse.Namespace) -> BatchOutput:
+    """Join Ray (with --ray), then open the output file; a cluster out of reach or an output file that is not a
+    batch's are usage errors, and nothing is written."""
+    from functionary_agent.batch import BatchOutput
+
+    try:
+        if args.ray is not None:
+            from functionary_agent.integrations.ray_batch import ray_session
+
+            stack.enter_context(ray_session(args.ray or None))
+        return stack.enter_context(BatchOutput(args.output))
+    except ConfigurationError as exc:
+        raise _UsageError(str(exc)) from None
+
+
+def _answer_batch(
+    todo: list[BatchItem], settings: BatchSettings, args: argparse.Namespace, deliver: Callable[[Record], None]
+) -> None:
+    if not todo:
+        return
+    if args.ray is not None:
+        from functionary_agent.integrations.ray_batch import answer_on_ray
+
+        answer_on_ray(todo, settings, deliver=deliver, concurrency=args.concurrency)
+    else:
+        from functionary_agent.batch import answer_all
+
+        asyncio.run(answer_all(todo, settings, args.concurrency, deliver))
+
+
+def _counts(output: BatchOutput) -> str:
+    return f"{output.answered} answered, {output.failed} failed"
 
 
 def _fail(message: str, status: int = EXIT_FAILED, *, debug: bool = False) -> int:

@@ -1,0 +1,125 @@
+"""Batch runs on a real local Ray (2 CPUs, one session for the module): the same answers as the asyncio run, a
+worker killed mid-shard loses nothing, and a cluster out of reach is a clear usage error."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from functionary_agent.batch import BatchSettings, run_batch
+from tests.openai_server import ScriptedServer
+from tests.test_batch import TOOLS, SlowServer, city_items, results, weather, write_items
+
+ray = pytest.importorskip("ray")
+
+from functionary_agent.integrations.ray_batch import run_batch_on_ray  # noqa: E402 - needs ray
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ray_address() -> Iterator[str]:
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+def answers(path: Path) -> dict[Any, Any]:
+    records = results(path)
+    assert len({json.dumps(r["id"]) for r in records}) == len(records), "every id once"
+    return {record["id"]: record["answer"] for record in records}
+
+
+def test_ray_gives_the_answers_the_asyncio_run_gives(ray_address: str, tmp_path: Path) -> None:
+    (tmp_path / "tools.py").write_text(TOOLS)
+    items = [*city_items(30), {"id": 7, "prompt": "FAIL here"}]
+    with ScriptedServer(handler=weather) as server:
+        settings = BatchSettings(tools=(str(tmp_path / "tools.py"),), base_url=server.base_url)
+        local = run_batch(items, tmp_path / "local.jsonl", conversation=settings, concurrency=8)
+        on_ray = run_batch_on_ray(items, tmp_path / "ray.jsonl", settings, concurrency=8, shard_size=8)
+    assert (on_ray.answered, on_ray.failed) == (local.answered, local.failed) == (30, 1)
+    assert answers(tmp_path / "ray.jsonl") == answers(tmp_path / "local.jsonl")
+    failed = [r for r in results(tmp_path / "ray.jsonl") if r["error"]]
+    assert [(r["id"], r["error"]["type"]) for r in failed] == [(7, "ModelError")]
+
+
+def test_a_worker_killed_mid_shard_loses_nothing_and_duplicates_nothing(ray_address: str, tmp_path: Path) -> None:
+    marker = tmp_path / "killed-once"
+    (tmp_path / "deadly_tools.py").write_text(
+        "import os, signal\nfrom pathlib import Path\n\n"
+        "def lookup(city: str) -> str:\n"
+        '    """The weather in a city; kills its own process the first time it is asked about city5."""\n'
+        f"    marker = Path({str(marker)!r})\n"
+        '    if city == "city5" and not marker.exists():\n'
+        '        marker.write_text("x")\n'
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        '    return f"{city}: 21 C"\n'
+    )
+    with ScriptedServer(handler=weather) as server:
+        settings = BatchSettings(tools=(str(tmp_path / "deadly_tools.py"),), base_url=server.base_url)
+        summary = run_batch_on_ray(city_items(16), tmp_path / "out.jsonl", settings, concurrency=2, shard_size=8)
+        asked_city5 = [r for r in server.requests if r["messages"][-1]["content"] == "Weather in city5?"]
+    assert marker.exists() and len(asked_city5) == 2, "the worker was killed, and its shard sent again"
+    assert answers(tmp_path / "out.jsonl") == {f"q{i}": f"Answer: city{i}: 21 C" for i in range(16)}
+    assert (summary.answered, summary.failed) == (16, 0)
+
+
+def test_the_command_line_joins_a_cluster_by_address(ray_address: str, tmp_path: Path) -> None:
+    (tmp_path / "tools.py").write_text(TOOLS)
+    items = write_items(tmp_path / "in.jsonl", city_items(6))
+    with ScriptedServer(handler=weather) as server:
+        done = _cli(str(items), "--tools", str(tmp_path / "tools.py"), "-o", str(tmp_path / "out.jsonl"),
+                    "--base-url", server.base_url, "--ray", ray_address)
+    assert done.returncode == 0, done.stderr
+    assert answers(tmp_path / "out.jsonl") == {f"q{i}": f"Answer: city{i}: 21 C" for i in range(6)}
+    assert done.stderr.splitlines()[-1].startswith("batch done in ")
+
+
+def test_ctrl_c_cancels_the_shards_and_a_rerun_finishes(ray_address: str, tmp_path: Path) -> None:
+    (tmp_path / "tools.py").write_text(TOOLS)
+    items = write_items(tmp_path / "in.jsonl", city_items(80))
+    out = tmp_path / "out.jsonl"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FUNCTIONARY_")}
+    with SlowServer(weather, latency=0.2) as server:
+        args = [str(items), "--tools", str(tmp_path / "tools.py"), "-o", str(out), "--base-url", server.base_url,
+                "--ray", ray_address, "--concurrency", "2"]
+        process = subprocess.Popen([sys.executable, "-m", "functionary_agent.cli", "batch", *args],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 3):
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=30)
+        assert process.returncode == 130, stderr
+        assert 3 <= len(answers(out)) < 80 and "run the same command again to resume" in stderr
+        server.latency = 0
+        rerun = _cli(*args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert answers(out) == {f"q{i}": f"Answer: city{i}: 21 C" for i in range(80)}
+
+
+def test_an_unreachable_ray_address_is_a_usage_error(tmp_path: Path) -> None:
+    (tmp_path / "tools.py").write_text(TOOLS)
+    items = write_items(tmp_path / "in.jsonl", city_items(2))
+    out = tmp_path / "out.jsonl"
+    done = _cli(str(items), "--tools", str(tmp_path / "tools.py"), "-o", str(out), "--base-url",
+                "http://127.0.0.1:9/v1", "--ray", "127.0.0.1:1")
+    assert done.returncode == 2 and not out.exists()
+    assert done.stderr == "functionary-agent: error: cannot reach the Ray cluster at 127.0.0.1:1: Connection refused\n"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FUNCTIONARY_")}
+    return subprocess.run([sys.executable, "-m", "functionary_agent.cli", "batch", *args], capture_output=True,
+                          text=True, timeout=120, env=env, cwd=ROOT)
