@@ -7,11 +7,15 @@ import importlib
 import importlib.util
 import inspect
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from functionary_agent.errors import ConfigurationError, ToolDefinitionError
 from functionary_agent.tools import Tool
+
+_SOURCE_DIGEST = "__functionary_source_sha1__"
 
 
 def load_tools(spec: str) -> list[Tool]:
@@ -33,6 +37,16 @@ def load_tools(spec: str) -> list[Tool]:
     return [Tool.from_function(fn) for fn in functions]
 
 
+def find_in_tools(specs: Iterable[str], name: str) -> Any:
+    """What the first of the tools files or modules `specs` that defines `name` binds it to (a type to answer in,
+    say); `LookupError` when none does."""
+    for spec in specs:
+        module = _import(spec)
+        if name in vars(module):
+            return vars(module)[name]
+    raise LookupError(name)
+
+
 def _import(spec: str) -> ModuleType:
     path = Path(spec)
     if spec.endswith(".py") or path.exists():
@@ -46,9 +60,14 @@ def _import(spec: str) -> ModuleType:
 
 
 def _import_file(path: Path) -> ModuleType:
+    """The file imported as a module of its own; the same file, unchanged, is imported once per process."""
     resolved = path.resolve()
     digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:8]
     name = f"_functionary_tools_{resolved.stem}_{digest}"
+    source = resolved.read_bytes()
+    loaded = sys.modules.get(name)
+    if loaded is not None and getattr(loaded, _SOURCE_DIGEST, None) == hashlib.sha1(source).hexdigest():
+        return loaded
     module_spec = importlib.util.spec_from_file_location(name, resolved)
     if module_spec is None or module_spec.loader is None:
         raise ConfigurationError(f"cannot load {path} as Python")
@@ -59,4 +78,5 @@ def _import_file(path: Path) -> ModuleType:
     except Exception as exc:
         sys.modules.pop(name, None)
         raise ConfigurationError(f"importing {path} failed: {type(exc).__name__}: {exc}") from None
+    setattr(module, _SOURCE_DIGEST, hashlib.sha1(source).hexdigest())
     return module

@@ -7,9 +7,11 @@ Input, one JSON object a line (blank lines are ignored):
 
 `id` is a string or an integer, unique in the input; an item has `prompt` (the user's message) or `messages` (a
 chat to continue: OpenAI message dicts; the settings' system message goes first unless they start with one), never
-both; `tool_choice` is optional (for the item's first model turn, as `Conversation` applies it). Any bad item
-refuses the whole run (`BatchInputError`, listing the problems with their line numbers) before anything is written
-or sent.
+both; `tool_choice` is optional (for the item's first model turn, as `Conversation` applies it); `output_type`
+(optional) names a type defined in one of the tools files or modules (a pydantic model, a dataclass, a TypedDict,
+...) or one of `str`, `int`, `float`, `bool`: the item is answered as a typed answer (`submit(output_type=...)`)
+and `answer` is that value as JSON. Any bad item refuses the whole run (`BatchInputError`, listing the problems
+with their line numbers) before anything is written or sent.
 
 Output, one JSON object a line per item, in the order items finish:
 
@@ -48,7 +50,8 @@ from types import TracebackType
 from typing import Any, TextIO
 
 from functionary_agent import _sync
-from functionary_agent._tool_files import load_tools
+from functionary_agent._answers import TypedAnswer
+from functionary_agent._tool_files import find_in_tools, load_tools
 from functionary_agent.conversation import Conversation
 from functionary_agent.errors import ConfigurationError, ToolDefinitionError
 from functionary_agent.models import embedded_model
@@ -65,6 +68,7 @@ ConversationFactory = Callable[[], Conversation]
 MAX_PROBLEMS_SHOWN = 20
 _ROLES = frozenset({"system", "user", "assistant", "tool"})
 _NAMED_CHOICES = frozenset({"auto", "none", "required"})
+_BUILTIN_TYPES: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool}
 
 
 class BatchInputError(ConfigurationError):
@@ -89,6 +93,7 @@ class BatchItem:
     messages: list[dict[str, Any]] | None = None
     tool_choice: ToolChoice | None = None
     line: int | None = None
+    output_type: Any = None  # a type's name (looked up in the tools) or, from Python, the type itself
 
     @property
     def key(self) -> str:
@@ -168,11 +173,12 @@ def _item(data: object, line: int) -> BatchItem | str:
         both = "prompt" in data
         return f'id {json.dumps(item_id)}: ' + ('has both "prompt" and "messages"; give one' if both
                                                 else 'needs "prompt" (text) or "messages" (a list)')
-    problem = _content_problem(data) or _tool_choice_problem(data.get("tool_choice"))
+    problem = (_content_problem(data) or _tool_choice_problem(data.get("tool_choice"))
+               or _output_type_problem(data.get("output_type")))
     if problem:
         return f"id {json.dumps(item_id)}: {problem}"
     messages = [dict(message) for message in data["messages"]] if "messages" in data else None
-    return BatchItem(item_id, data.get("prompt"), messages, data.get("tool_choice"), line)
+    return BatchItem(item_id, data.get("prompt"), messages, data.get("tool_choice"), line, data.get("output_type"))
 
 
 def _content_problem(data: dict[str, Any]) -> str | None:
@@ -188,12 +194,56 @@ def _content_problem(data: dict[str, Any]) -> str | None:
     return None
 
 
+def _output_type_problem(output_type: object) -> str | None:
+    if output_type is None or (isinstance(output_type, str) and output_type.strip()):
+        return None
+    if not isinstance(output_type, (str, int, float, bool, list, dict)):
+        return None  # given from Python: a type itself, checked when it is resolved
+    return '"output_type" must be the name of a type (defined in the tools, or str, int, float, bool)'
+
+
 def _tool_choice_problem(choice: object) -> str | None:
     if choice is None or choice in _NAMED_CHOICES:
         return None
     if isinstance(choice, dict) and isinstance((choice.get("function") or {}).get("name"), str):
         return None
     return '"tool_choice" must be "auto", "none", "required" or {"type": "function", "function": {"name": ...}}'
+
+
+def resolve_output_types(
+    items: Iterable[BatchItem], tools: Iterable[str], *, source: str = "batch input", where: str = "line"
+) -> dict[str, Any]:
+    """The types the items name as `output_type`, looked up in the tools files or modules, then among str, int,
+    float and bool; a name found nowhere, or bound to something with no JSON schema, is a `BatchInputError` that
+    names the first item asking for it."""
+    tools = tuple(tools)
+    found: dict[str, Any] = {}
+    problems: list[str] = []
+    for item in items:
+        name = item.output_type
+        if isinstance(name, str) and name not in found:
+            try:
+                found[name] = _output_type(name, tools)
+            except ConfigurationError as exc:
+                found[name] = None
+                problems.append(f"{where} {item.line}: id {item.key}: {exc}")
+    if problems:
+        raise BatchInputError(source, problems)
+    return found
+
+
+def _output_type(name: str, tools: tuple[str, ...]) -> Any:
+    try:
+        output_type = find_in_tools(tools, name)
+    except LookupError:
+        if name not in _BUILTIN_TYPES:
+            raise ConfigurationError(
+                f"output_type {name!r} is defined in none of the tools ({', '.join(tools) or 'none given'}) and is "
+                "not str, int, float or bool"
+            ) from None
+        output_type = _BUILTIN_TYPES[name]
+    TypedAnswer(output_type)  # something with no JSON schema is refused before anything runs
+    return output_type
 
 
 # -- how each conversation is made ------------------------------------------------------------------------------
@@ -379,20 +429,27 @@ def _lock(file: Any, path: Path) -> None:
 
 
 # -- running -------------------------------------------------------------------------------------------------
-async def answer_item(item: BatchItem, make_conversation: ConversationFactory) -> Record:
-    """Run one item on a fresh conversation: its output record, with `error` set when it failed."""
+async def answer_item(
+    item: BatchItem, make_conversation: ConversationFactory, output_types: Mapping[str, Any] | None = None
+) -> Record:
+    """Run one item on a fresh conversation: its output record, with `error` set when it failed. `output_types`
+    maps the items' `output_type` names to types (`resolve_output_types`)."""
     started = time.perf_counter()
     chat: Conversation | None = None
-    answer: str | None = None
+    answer: Any = None
     error: dict[str, str] | None = None
     try:
+        output_type = _type_of(item, output_types or {})
         chat = make_conversation()
         if item.tool_choice is not None:
             chat.tool_choice = item.tool_choice
         if item.messages is not None:
             given = [dict(message) for message in item.messages]
             chat.messages = given if given[0]["role"] == "system" else [*chat.messages, *given]
-        answer = await chat.asubmit(item.prompt)
+        if output_type is None:
+            answer = await chat.asubmit(item.prompt)
+        else:
+            answer = _as_json(output_type, await chat.asubmit(item.prompt, output_type=output_type))
     except Exception as exc:  # a failed item is a line in the output, never the end of the batch
         error = {"type": type(exc).__name__, "message": str(exc)}
     finally:
@@ -404,6 +461,20 @@ async def answer_item(item: BatchItem, make_conversation: ConversationFactory) -
         "id": item.id, "answer": answer, "error": error, "usage": usage.to_dict() if usage is not None else None,
         "seconds": round(time.perf_counter() - started, 3), "messages": _messages(item, chat),
     }
+
+
+def _type_of(item: BatchItem, output_types: Mapping[str, Any]) -> Any:
+    if not isinstance(item.output_type, str):
+        return item.output_type
+    if item.output_type not in output_types:
+        raise ConfigurationError(f"output_type {item.output_type!r} was not resolved (resolve_output_types)")
+    return output_types[item.output_type]
+
+
+def _as_json(output_type: Any, value: Any) -> Any:
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(output_type).dump_python(value, mode="json")
 
 
 def failure_record(item: BatchItem, kind: str, message: str) -> Record:
@@ -420,7 +491,7 @@ def _messages(item: BatchItem, chat: Conversation | None) -> list[dict[str, Any]
 
 async def answer_items(
     items: Iterable[BatchItem], make_conversation: ConversationFactory, concurrency: int,
-    deliver: Callable[[Record], object],
+    deliver: Callable[[Record], object], output_types: Mapping[str, Any] | None = None,
 ) -> None:
     """Answer every item, at most `concurrency` at once, handing each record to `deliver` as it is done. A fixed
     pool of `concurrency` workers takes the next item as one frees up: a million items cost `concurrency` tasks.
@@ -431,7 +502,7 @@ async def answer_items(
 
     async def work() -> None:
         for item in next_items:
-            deliver(await answer_item(item, make_conversation))
+            deliver(await answer_item(item, make_conversation, output_types))
 
     workers = [asyncio.ensure_future(work()) for _ in range(concurrency)]
     try:
@@ -458,6 +529,8 @@ async def arun_batch(
     checked = check_items(items)
     if isinstance(conversation, BatchSettings):
         conversation.check()
+    tools = conversation.tools if isinstance(conversation, BatchSettings) else ()
+    resolve_output_types(checked, tools, source="batch items", where="item")  # unknown names: nothing runs
     started = time.perf_counter()
     with BatchOutput(output) as out:
         todo = out.pending(checked)
@@ -489,12 +562,16 @@ async def answer_all(
     items: Iterable[BatchItem], conversation: BatchSettings | ConversationFactory, concurrency: int,
     deliver: Callable[[Record], object],
 ) -> None:
-    """`answer_items` with conversations from `BatchSettings` (their model closed at the end) or a factory."""
+    """`answer_items` with conversations from `BatchSettings` (their model closed at the end) or a factory; the
+    items' output types are looked up in the settings' tools (a factory: str, int, float, bool only)."""
+    items = list(items)
+    tools = conversation.tools if isinstance(conversation, BatchSettings) else ()
+    output_types = resolve_output_types(items, tools)
     if isinstance(conversation, BatchSettings):
         async with conversation.conversations() as make:
-            await answer_items(items, make, concurrency, deliver)
+            await answer_items(items, make, concurrency, deliver, output_types)
     else:
-        await answer_items(items, conversation, concurrency, deliver)
+        await answer_items(items, conversation, concurrency, deliver, output_types)
 
 
 # -- the command line's progress line ---------------------------------------------------------------------------

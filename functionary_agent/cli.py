@@ -197,7 +197,7 @@ def _batch(args: argparse.Namespace) -> int:
 
 def _batch_plan(args: argparse.Namespace) -> tuple[list[BatchItem], BatchSettings]:
     """The items and the settings, both checked before anything runs or is written: problems are usage errors."""
-    from functionary_agent.batch import BatchSettings, read_items
+    from functionary_agent.batch import BatchSettings, read_items, resolve_output_types
 
     settings = BatchSettings(
         tools=tuple(args.tools), base_url=args.base_url, model=args.model, format=args.format, system=args.system,
@@ -206,6 +206,7 @@ def _batch_plan(args: argparse.Namespace) -> tuple[list[BatchItem], BatchSetting
     try:
         items = read_items(args.input)
         settings.check()
+        resolve_output_types(items, settings.tools, source=args.input)
     except (ConfigurationError, ToolDefinitionError) as exc:
         raise _UsageError(str(exc) if isinstance(exc, ConfigurationError) else f"cannot load tools: {exc}") from None
     return items, settings

@@ -184,6 +184,68 @@ def test_bad_input_lines_refuse_the_run_with_their_line_numbers(tmp_path: Path, 
     ]
 
 
+TYPED_TOOLS = TOOLS + '''
+from pydantic import BaseModel
+
+class City(BaseModel):
+    name: str
+    population: int
+
+NOT_A_TYPE = object()
+'''
+
+
+def city_record(body: dict[str, Any]) -> Action:
+    """Answers through the reserved final_result tool: a record for a City request, the number 7 for an int."""
+    if body["messages"][-1]["role"] == "tool":  # the final call's tool message came back: nothing more to say
+        return reply("done")
+    schema = next(t["function"]["parameters"] for t in body["tools"] if t["function"]["name"] == "final_result")
+    arguments = {"name": "Lyon", "population": 520000} if "population" in json.dumps(schema) else {"value": 7}
+    return reply(None, [function_call("final_result", json.dumps(arguments))])
+
+
+def test_items_answered_in_a_type_named_in_the_tools(tmp_path: Path) -> None:
+    tools = tmp_path / "typed_tools.py"
+    tools.write_text(TYPED_TOOLS)
+    items = write_items(tmp_path / "in.jsonl", [
+        {"id": "city", "prompt": "Lyon has 520,000 people.", "output_type": "City"},
+        {"id": "count", "prompt": "How many?", "output_type": "int"},
+    ])
+    out = tmp_path / "out.jsonl"
+    with ScriptedServer(handler=city_record) as server:
+        done = cli(str(items), "--tools", str(tools), "-o", str(out), "--base-url", server.base_url)
+    assert done.returncode == 0, done.stderr
+    by_id = {record["id"]: record for record in results(out)}
+    assert by_id["city"]["answer"] == {"name": "Lyon", "population": 520000}
+    assert by_id["count"]["answer"] == 7
+    assert all(request["tool_choice"] == "required" for request in server.requests)
+
+
+def test_an_output_type_found_nowhere_refuses_the_run(tmp_path: Path) -> None:
+    tools = tmp_path / "typed_tools.py"
+    tools.write_text(TYPED_TOOLS)
+    items = write_items(tmp_path / "in.jsonl", [
+        {"id": 1, "prompt": "a", "output_type": "City"}, {"id": 2, "prompt": "b", "output_type": "Town"},
+        {"id": 3, "prompt": "c", "output_type": "NOT_A_TYPE"}, {"id": 4, "prompt": "d", "output_type": 5},
+    ])
+    out = tmp_path / "out.jsonl"
+    done = cli(str(items), "--tools", str(tools), "-o", str(out), "--base-url", "http://127.0.0.1:9/v1")
+    assert done.returncode == 2 and not out.exists(), done.stderr
+    lines = done.stderr.splitlines()
+    assert lines[0] == f"functionary-agent: error: {items}: 1 bad item, nothing was run:"
+    assert "line 4: id 4:" in lines[1] and "name of a type" in lines[1]
+    names_only = write_items(tmp_path / "names.jsonl", [
+        {"id": 1, "prompt": "a", "output_type": "City"}, {"id": 2, "prompt": "b", "output_type": "Town"},
+        {"id": 3, "prompt": "c", "output_type": "NOT_A_TYPE"},
+    ])
+    done = cli(str(names_only), "--tools", str(tools), "-o", str(out), "--base-url", "http://127.0.0.1:9/v1")
+    assert done.returncode == 2 and not out.exists(), done.stderr
+    lines = done.stderr.splitlines()
+    assert lines[0].endswith("2 bad items, nothing was run:")
+    assert lines[1].startswith("  line 2: id 2: output_type 'Town' is defined in none of the tools")
+    assert lines[2].startswith("  line 3: id 3: output_type <object object") and "has no JSON schema" in lines[2]
+
+
 def test_a_tools_file_that_cannot_load_is_a_usage_error(tmp_path: Path) -> None:
     items = write_items(tmp_path / "in.jsonl", city_items(2))
     broken = tmp_path / "broken.py"

@@ -17,7 +17,16 @@ import pytest
 
 from functionary_agent.batch import BatchSettings, run_batch
 from tests.openai_server import ScriptedServer
-from tests.test_batch import TOOLS, SlowServer, city_items, results, weather, write_items
+from tests.test_batch import (
+    TOOLS,
+    TYPED_TOOLS,
+    SlowServer,
+    city_items,
+    city_record,
+    results,
+    weather,
+    write_items,
+)
 
 ray = pytest.importorskip("ray")
 
@@ -73,6 +82,16 @@ def test_a_worker_killed_mid_shard_loses_nothing_and_duplicates_nothing(ray_addr
     assert marker.exists() and len(asked_city5) == 2, "the worker was killed, and its shard sent again"
     assert answers(tmp_path / "out.jsonl") == {f"q{i}": f"Answer: city{i}: 21 C" for i in range(16)}
     assert (summary.answered, summary.failed) == (16, 0)
+
+
+def test_workers_find_the_output_type_in_the_shipped_tools_file(ray_address: str, tmp_path: Path) -> None:
+    (tmp_path / "typed_tools.py").write_text(TYPED_TOOLS)
+    items = [{"id": "city", "prompt": "Lyon has 520,000 people.", "output_type": "City"}]
+    with ScriptedServer(handler=city_record) as server:
+        settings = BatchSettings(tools=(str(tmp_path / "typed_tools.py"),), base_url=server.base_url)
+        summary = run_batch_on_ray(items, tmp_path / "out.jsonl", settings, concurrency=2)
+    assert (summary.answered, summary.failed) == (1, 0)
+    assert answers(tmp_path / "out.jsonl") == {"city": {"name": "Lyon", "population": 520000}}
 
 
 def test_the_command_line_joins_a_cluster_by_address(ray_address: str, tmp_path: Path) -> None:

@@ -51,6 +51,7 @@ from functionary_agent.batch import (
     answer_items,
     check_items,
     failure_record,
+    resolve_output_types,
 )
 from functionary_agent.errors import ConfigurationError
 
@@ -128,6 +129,7 @@ def run_batch_on_ray(
     """`functionary_agent.batch.run_batch` on Ray: same items, output file, resume rule and summary."""
     checked = check_items(items)
     settings.check()
+    resolve_output_types(checked, settings.tools, source="batch items", where="item")
     started = time.perf_counter()
     with ray_session(address), BatchOutput(output) as out:
         todo = out.pending(checked)
@@ -213,8 +215,9 @@ def answer_shard(
     records: queue.SimpleQueue[Any] = queue.SimpleQueue()
 
     async def run() -> None:
+        output_types = resolve_output_types(items, settings.tools)
         async with settings.conversations() as make:
-            await answer_items(items, make, concurrency, records.put)
+            await answer_items(items, make, concurrency, records.put, output_types)
 
     # the process's background loop (as sync calls use), so HTTP pools live as long as the worker
     done = asyncio.run_coroutine_threadsafe(run(), _sync._background_loop())
