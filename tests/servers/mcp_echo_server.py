@@ -87,6 +87,7 @@ def _serve_http(token: str) -> None:
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
+    sock.listen(128)  # connections made as soon as PORT is printed wait in the backlog, not refused
     app = _RequireToken(server.streamable_http_app(), token)
     config = uvicorn.Config(app, log_level="warning", lifespan="on")
     print(f"PORT {sock.getsockname()[1]}", flush=True)
