@@ -12,7 +12,8 @@ import asyncio
 import logging
 
 from .collect import OutputCollector
-from .errors import KernelStartError, SandboxClosedError
+from .errors import KernelStartError
+from .kernel_holder import KernelHolder
 from .process import KernelProcess, KernelSettings
 from .result import ExecutionResult
 from .workdir import ImageSaver, changed_files, snapshot
@@ -22,15 +23,13 @@ logger = logging.getLogger(__name__)
 RESTARTED = "kernel restarted, state lost"
 
 
-class Engine:
+class Engine(KernelHolder[KernelProcess]):
     def __init__(self, settings: KernelSettings, interrupt_grace: float) -> None:
+        super().__init__()
         self.settings = settings
         self.grace = interrupt_grace
         self.visible_workdir = settings.isolation.data_path or str(settings.workdir)
-        self.closed = False
         self._lock = asyncio.Lock()
-        self._kernel: KernelProcess | None = None
-        self._starting: asyncio.Task[None] | None = None
         self._images = ImageSaver(settings.workdir)
         self.processes: set[KernelProcess] = set()  # every kernel not yet closed, for the at-exit killer
 
@@ -55,31 +54,6 @@ class Engine:
                 raise KernelStartError(f"the kernel could not be launched: {exc}") from exc
             raise
         self._kernel, self._starting = process, None
-
-    @property
-    def ready(self) -> bool:
-        return self._kernel is not None
-
-    async def kernel(self) -> KernelProcess:
-        """The running kernel, waiting for a start in progress; a failed start is raised once, then retried."""
-        if self.closed:
-            raise SandboxClosedError("the sandbox is closed")
-        self.start_soon()
-        starting = self._starting
-        if self._kernel is None and starting is not None:
-            try:
-                await asyncio.shield(starting)
-            except asyncio.CancelledError:
-                if self.closed:
-                    raise SandboxClosedError("the sandbox was closed while its kernel was starting") from None
-                raise
-            except KernelStartError:
-                if self._starting is starting:
-                    self._starting = None
-                raise
-        if self._kernel is None:
-            raise SandboxClosedError("the sandbox was closed while its kernel was starting")
-        return self._kernel
 
     async def execute(self, code: str, timeout: float) -> ExecutionResult:
         async with self._lock:

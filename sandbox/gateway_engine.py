@@ -27,6 +27,7 @@ from .errors import KernelStartError, SandboxClosedError
 from .gateway import GatewayAddress, GatewayClient, describe
 from .gateway_kernel import RemoteKernel
 from .kernel_entry import _bound_bundle
+from .kernel_holder import KernelHolder
 from .output import HeadTail
 from .result import ExecutionResult
 from .workdir import ImageSaver
@@ -68,20 +69,18 @@ class RemoteCollector(OutputCollector):
         return super().add(msg)
 
 
-class GatewayEngine:
+class GatewayEngine(KernelHolder[RemoteKernel]):
     """What `KernelSandbox` drives when `gateway_url` is set; runs on the sandbox's private loop."""
 
     kernel_pid: int | None = None  # the kernel is a process on another machine
 
     def __init__(self, settings: GatewaySettings, interrupt_grace: float) -> None:
+        super().__init__()
         self.settings = settings
         self.grace = interrupt_grace
         self.client = GatewayClient(GatewayAddress.parse(settings.url), settings.token, settings.startup_timeout)
         self.visible_workdir = str(settings.workdir)  # images are saved on this machine; the kernel cannot see them
-        self.closed = False
         self._lock = asyncio.Lock()
-        self._kernel: RemoteKernel | None = None
-        self._starting: asyncio.Task[RemoteKernel] | None = None
         self._images = ImageSaver(settings.workdir)
         self.kernels: set[RemoteKernel] = set()  # every kernel not yet deleted, for close and the at-exit path
         self._chores: set[asyncio.Task[Any]] = set()
@@ -90,10 +89,6 @@ class GatewayEngine:
     def kernel_id(self) -> str | None:
         """The gateway's id of the running kernel (None before start and after close)."""
         return self._kernel.id if self._kernel is not None else None
-
-    @property
-    def ready(self) -> bool:
-        return self._kernel is not None
 
     def start_soon(self, previous: RemoteKernel | None = None) -> None:
         """Begin starting a kernel (restarting `previous` when given) unless one runs or is starting."""
@@ -126,27 +121,6 @@ class GatewayEngine:
                 self.kernels.discard(kernel)
         self._kernel, self._starting = kernel, None
         return kernel
-
-    async def kernel(self) -> RemoteKernel:
-        """The running kernel, waiting for a start in progress; a failed start is raised once, then retried."""
-        if self.closed:
-            raise SandboxClosedError("the sandbox is closed")
-        self.start_soon()
-        starting = self._starting
-        if self._kernel is None and starting is not None:
-            try:
-                await asyncio.shield(starting)
-            except asyncio.CancelledError:
-                if self.closed:
-                    raise SandboxClosedError("the sandbox was closed while its kernel was starting") from None
-                raise
-            except Exception:
-                if self._starting is starting:
-                    self._starting = None
-                raise
-        if self._kernel is None:
-            raise SandboxClosedError("the sandbox was closed while its kernel was starting")
-        return self._kernel
 
     async def execute(self, code: str, timeout: float) -> ExecutionResult:
         async with self._lock:
