@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pty
-import select
 import signal
 import subprocess
 import sys
@@ -18,6 +16,7 @@ import pytest
 
 from functionary_agent.batch import BatchInputError, BatchOutput, BatchSettings, check_items, run_batch
 from tests.openai_server import Action, ScriptedServer, function_call, reply
+from tests.terminal import run_in_terminal
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = '''
@@ -287,7 +286,7 @@ def test_progress_shows_on_a_terminal(tmp_path: Path, tools: str) -> None:
     items = write_items(tmp_path / "in.jsonl", city_items(8))
     out = tmp_path / "out.jsonl"
     with SlowServer(weather, latency=0.1) as server:
-        screen = _run_in_terminal([sys.executable, "-m", "functionary_agent.cli", "batch", str(items), "--tools",
+        screen = run_in_terminal([sys.executable, "-m", "functionary_agent.cli", "batch", str(items), "--tools",
                                    tools, "-o", str(out), "--base-url", server.base_url, "--concurrency", "2"])
     assert "8/8" in screen and "0 failed" in screen and "items/s" in screen
     assert "batch done in" in screen and len(results(out)) == 8
@@ -320,30 +319,3 @@ def test_the_python_api_checks_items_and_never_writes_an_answered_id_twice(tmp_p
     path.write_text('{"id": 1}\nnot a result\n')
     with pytest.raises(Exception, match="line 2 is not a batch result"), BatchOutput(path):
         pass
-
-
-def _run_in_terminal(command: list[str], timeout: float = 60) -> str:
-    leader, follower = pty.openpty()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FUNCTIONARY_")}
-    process = subprocess.Popen(command, stdin=follower, stdout=follower, stderr=follower, cwd=ROOT,
-                               env={**env, "TERM": "xterm-256color", "COLUMNS": "120"})
-    os.close(follower)
-    chunks: list[bytes] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([leader], [], [], 0.1)
-        if ready:
-            try:
-                data = os.read(leader, 4096)
-            except OSError:
-                break
-            if not data:
-                break
-            chunks.append(data)
-        elif process.poll() is not None:
-            break
-    process.wait(timeout=5)
-    os.close(leader)
-    screen = b"".join(chunks).decode(errors="replace")
-    assert process.returncode == 0, screen
-    return screen

@@ -23,6 +23,7 @@ from tests.test_batch import (
     SlowServer,
     city_items,
     city_record,
+    cli,
     results,
     weather,
     write_items,
@@ -98,8 +99,8 @@ def test_the_command_line_joins_a_cluster_by_address(ray_address: str, tmp_path:
     (tmp_path / "tools.py").write_text(TOOLS)
     items = write_items(tmp_path / "in.jsonl", city_items(6))
     with ScriptedServer(handler=weather) as server:
-        done = _cli(str(items), "--tools", str(tmp_path / "tools.py"), "-o", str(tmp_path / "out.jsonl"),
-                    "--base-url", server.base_url, "--ray", ray_address)
+        done = cli(str(items), "--tools", str(tmp_path / "tools.py"), "-o", str(tmp_path / "out.jsonl"),
+                   "--base-url", server.base_url, "--ray", ray_address)
     assert done.returncode == 0, done.stderr
     assert answers(tmp_path / "out.jsonl") == {f"q{i}": f"Answer: city{i}: 21 C" for i in range(6)}
     assert done.stderr.splitlines()[-1].startswith("batch done in ")
@@ -123,7 +124,7 @@ def test_ctrl_c_cancels_the_shards_and_a_rerun_finishes(ray_address: str, tmp_pa
         assert process.returncode == 130, stderr
         assert 3 <= len(answers(out)) < 80 and "run the same command again to resume" in stderr
         server.latency = 0
-        rerun = _cli(*args)
+        rerun = cli(*args)
     assert rerun.returncode == 0, rerun.stderr
     assert answers(out) == {f"q{i}": f"Answer: city{i}: 21 C" for i in range(80)}
 
@@ -132,13 +133,7 @@ def test_an_unreachable_ray_address_is_a_usage_error(tmp_path: Path) -> None:
     (tmp_path / "tools.py").write_text(TOOLS)
     items = write_items(tmp_path / "in.jsonl", city_items(2))
     out = tmp_path / "out.jsonl"
-    done = _cli(str(items), "--tools", str(tmp_path / "tools.py"), "-o", str(out), "--base-url",
-                "http://127.0.0.1:9/v1", "--ray", "127.0.0.1:1")
+    done = cli(str(items), "--tools", str(tmp_path / "tools.py"), "-o", str(out), "--base-url",
+               "http://127.0.0.1:9/v1", "--ray", "127.0.0.1:1")
     assert done.returncode == 2 and not out.exists()
     assert done.stderr == "functionary-agent: error: cannot reach the Ray cluster at 127.0.0.1:1: Connection refused\n"
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FUNCTIONARY_")}
-    return subprocess.run([sys.executable, "-m", "functionary_agent.cli", "batch", *args], capture_output=True,
-                          text=True, timeout=120, env=env, cwd=ROOT)

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import pty
-import select
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +17,7 @@ from functionary_agent.conversation import Conversation
 from functionary_agent.errors import ConfigurationError, ToolDefinitionError
 from functionary_agent.testing import ScriptedModel, ScriptedRequest
 from tests.openai_server import ScriptedServer, function_call, reply
+from tests.terminal import run_in_terminal
 
 ROOT = Path(__file__).resolve().parents[1]
 WEATHER = str(ROOT / "examples" / "weather.py")
@@ -126,7 +124,7 @@ def test_loading_prefers_marked_tools_and_skips_imports(tmp_path: Path) -> None:
 
 def test_on_a_terminal_the_answer_streams_with_styles() -> None:
     with ScriptedServer(handler=weather_script) as server:
-        output = _run_in_terminal(
+        output = run_in_terminal(
             [sys.executable, "-m", "functionary_agent.cli", "run", "weather?", "--tools", WEATHER,
              "--base-url", server.base_url]
         )
@@ -141,32 +139,6 @@ def test_the_usage_line_is_for_terminals_only() -> None:
     with ScriptedServer(handler=weather_script) as server:
         done = cli("run", "weather?", "--tools", WEATHER, "--base-url", server.base_url)
     assert "tokens" not in done.stdout and done.returncode == 0
-
-
-def _run_in_terminal(command: list[str], timeout: float = 60) -> str:
-    leader, follower = pty.openpty()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FUNCTIONARY_")}
-    process = subprocess.Popen(command, stdin=follower, stdout=follower, stderr=follower, cwd=ROOT,
-                               env={**env, "TERM": "xterm-256color", "COLUMNS": "120"})
-    os.close(follower)
-    chunks: list[bytes] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([leader], [], [], 0.1)
-        if ready:
-            try:
-                data = os.read(leader, 4096)
-            except OSError:
-                break
-            if not data:
-                break
-            chunks.append(data)
-        elif process.poll() is not None:
-            break
-    process.wait(timeout=5)
-    os.close(leader)
-    assert process.returncode == 0, b"".join(chunks).decode(errors="replace")
-    return b"".join(chunks).decode(errors="replace")
 
 
 def _strip_ansi(text: str) -> str:
@@ -186,7 +158,7 @@ def test_a_slow_tool_shows_a_spinner_on_a_terminal_and_nothing_in_a_pipe(tmp_pat
 
     command = [sys.executable, "-m", "functionary_agent.cli", "run", "look up abc", "--tools", str(tools)]
     with ScriptedServer(handler=script) as server:
-        screen = _strip_ansi(_run_in_terminal([*command, "--base-url", server.base_url]))
+        screen = _strip_ansi(run_in_terminal([*command, "--base-url", server.base_url]))
         piped = cli("run", "look up abc", "--tools", str(tools), "--base-url", server.base_url)
     assert "slow_lookup…" in screen  # "calling slow_lookup…" or "waiting for slow_lookup…" while it sleeps
     assert "Found it." in screen
