@@ -73,6 +73,8 @@ def _import_file(path: Path) -> ModuleType:
         raise ConfigurationError(f"cannot load {path} as Python")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module  # dataclasses and pydantic look their module up here
+    if str(resolved.parent) not in sys.path:  # it may import modules beside it, as a script run with python may;
+        sys.path.append(str(resolved.parent))  # last, so it never shadows an installed module
     try:
         module_spec.loader.exec_module(module)
     except Exception as exc:

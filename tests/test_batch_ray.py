@@ -95,6 +95,36 @@ def test_workers_find_the_output_type_in_the_shipped_tools_file(ray_address: str
     assert answers(tmp_path / "out.jsonl") == {"city": {"name": "Lyon", "population": 520000}}
 
 
+def test_a_tools_file_importing_its_neighbour_runs_in_a_session_with_its_folder(
+    ray_address: str, tmp_path: Path
+) -> None:
+    """As `ray job submit --working-dir DIR` does: a driver whose Ray session has the folder as its working_dir."""
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "weather_data.py").write_text('def temperature(city: str) -> str:\n    return f"{city}: 21 C"\n')
+    (folder / "tools.py").write_text(
+        "from weather_data import temperature\n\n\n"
+        "def lookup(city: str) -> str:\n"
+        '    """The weather in a city."""\n'
+        "    return temperature(city)\n"
+    )
+    write_items(tmp_path / "in.jsonl", city_items(4))
+    driver = (
+        "import ray, sys\n"
+        "from functionary_agent.batch import BatchSettings, read_items\n"
+        "from functionary_agent.integrations.ray_batch import run_batch_on_ray\n"
+        f"ray.init(address={ray_address!r}, runtime_env={{'working_dir': {str(folder)!r}}}, log_to_driver=False)\n"
+        f"settings = BatchSettings(tools=({str(folder / 'tools.py')!r},), base_url=sys.argv[1])\n"
+        f"print(run_batch_on_ray(read_items({str(tmp_path / 'in.jsonl')!r}), {str(tmp_path / 'out.jsonl')!r}, "
+        "settings, concurrency=2))\n"
+    )
+    with ScriptedServer(handler=weather) as server:
+        done = subprocess.run([sys.executable, "-c", driver, server.base_url], capture_output=True, text=True,
+                              timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert answers(tmp_path / "out.jsonl") == {f"q{i}": f"Answer: city{i}: 21 C" for i in range(4)}
+
+
 def test_the_command_line_joins_a_cluster_by_address(ray_address: str, tmp_path: Path) -> None:
     (tmp_path / "tools.py").write_text(TOOLS)
     items = write_items(tmp_path / "in.jsonl", city_items(6))

@@ -122,6 +122,17 @@ def test_loading_prefers_marked_tools_and_skips_imports(tmp_path: Path) -> None:
         load_tools(str(tmp_path / "missing.py"))
 
 
+def test_a_tools_file_imports_its_neighbours_once_and_again_when_changed(tmp_path: Path) -> None:
+    (tmp_path / "unit_names_xq.py").write_text('UNIT = "C"\n')
+    tools = tmp_path / "neighbour_tools.py"
+    tools.write_text("from unit_names_xq import UNIT\n\ndef temperature(city: str) -> str:\n    return '21 ' + UNIT\n")
+    (first,) = load_tools(str(tools))
+    assert first("Oslo") == "21 C"
+    assert load_tools(str(tools))[0].handler is first.handler  # unchanged: not imported again
+    tools.write_text("def temperature(city: str) -> str:\n    return '70 F'\n")
+    assert load_tools(str(tools))[0]("Oslo") == "70 F"  # changed: imported again
+
+
 def test_on_a_terminal_the_answer_streams_with_styles() -> None:
     with ScriptedServer(handler=weather_script) as server:
         output = run_in_terminal(

@@ -3,10 +3,14 @@ event loop (`concurrency` at a time, as `functionary_agent.batch` does on one ma
 as it is done (a Ray generator task). The driver is the only writer of the output file, so resuming works as for
 the asyncio run, and it drops a record whose id is answered already.
 
-Tools travel as source text: each tools *file* is read on the driver and written out on the worker before it is
-loaded there, so workers run exactly the driver's version with no upload step (no `runtime_env` packaging, which
-would ship the file's whole directory). A tools *module* name is imported on the worker as it is: it must be
-installed there. `functionary_agent` itself must be installed on every node, in the same version.
+Tools travel as source text with each shard task: each tools *file* is read on the driver and written out on the
+worker before it is loaded there, so workers run exactly the driver's version. Not Ray's `runtime_env`
+(`py_modules`): Ray takes local files there only when the Ray session is started (`ray.init`), so a process that
+joins a session already under way (a notebook, a Ray job, a test) could not ship them. A tools *module* name is
+imported on the worker as it is: it must be installed there. `functionary_agent` itself must be installed on every
+node, in the same version. A tools file that imports modules beside it needs them shipped too: run the command as a
+Ray job with that folder (`ray job submit --working-dir DIR -- functionary-agent batch ... --ray`), whose runtime
+environment every task inherits.
 
 A shard whose worker dies (killed, out of memory, its node gone) is not retried by Ray: Ray replays a generator
 task from its start and assumes it yields the same values in the same order, which items finishing in completion
