@@ -87,8 +87,9 @@ class Isolation:
 
     @property
     def contained(self) -> bool:
-        """True when the kernel has its own root file system, process table and unprivileged user."""
-        return self.mode != "none"
+        """True when this machine gave the kernel its own root file system, process table and unprivileged user
+        (not for a gateway's kernel: what the gateway does is not known here)."""
+        return self.mode in ("root", "userns")
 
     @property
     def data_path(self) -> str | None:

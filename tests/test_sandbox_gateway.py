@@ -117,7 +117,7 @@ def test_state_persists_across_cells(box: KernelSandbox) -> None:
     result = box.execute("counter += 1\ncounter")
     assert result.ok and result.result == "42" and result.to_model_text() == "42"
     assert box.ready and box.kernel_pid is None
-    assert box.isolation.mode == "gateway" and box.data_path == str(box.workdir)
+    assert box.isolation.mode == "gateway" and not box.isolation.contained and box.data_path == str(box.workdir)
 
 
 def test_error_cell_gives_a_plain_traceback(box: KernelSandbox) -> None:
