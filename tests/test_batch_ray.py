@@ -125,6 +125,23 @@ def test_a_tools_file_importing_its_neighbour_runs_in_a_session_with_its_folder(
     assert answers(tmp_path / "out.jsonl") == {f"q{i}": f"Answer: city{i}: 21 C" for i in range(4)}
 
 
+def test_a_tools_file_that_fails_to_import_on_the_workers_fails_its_items_with_the_reason(
+    ray_address: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tools = tmp_path / "driver_only_tools.py"
+    only_here = f"\nimport os\nif os.getpid() != {os.getpid()}:\n    raise RuntimeError('no weather here')\n"
+    tools.write_text(TOOLS + only_here)  # imports in this process, fails in any other
+    settings = BatchSettings(tools=(str(tools),), base_url="http://127.0.0.1:9/v1")
+    summary = run_batch_on_ray(city_items(6), tmp_path / "out.jsonl", settings, concurrency=2, shard_size=3)
+    assert (summary.answered, summary.failed) == (0, 6)
+    errors = {record["id"]: record["error"] for record in results(tmp_path / "out.jsonl")}
+    assert set(errors) == {f"q{i}" for i in range(6)}
+    assert all(e["type"] == "ConfigurationError" and "RuntimeError: no weather here" in e["message"]
+               for e in errors.values())
+    warnings = [r.getMessage() for r in caplog.records if "shard failed on its Ray worker" in r.getMessage()]
+    assert len(warnings) == 2 and "3 items written as failed: ConfigurationError: importing" in warnings[0]
+
+
 def test_the_command_line_joins_a_cluster_by_address(ray_address: str, tmp_path: Path) -> None:
     (tmp_path / "tools.py").write_text(TOOLS)
     items = write_items(tmp_path / "in.jsonl", city_items(6))

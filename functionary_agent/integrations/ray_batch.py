@@ -183,6 +183,9 @@ class _ShardDriver:
         except self._ray.exceptions.RayTaskError as exc:  # our code raised on the worker: a retry would too
             del self._running[generator]
             cause = getattr(exc, "cause", None) or exc
+            if waiting:  # one line for the whole shard (a tools file that does not import there, say)
+                logger.warning("a shard failed on its Ray worker, %d items written as failed: %s: %s",
+                               len(waiting), type(cause).__name__, str(cause).splitlines()[0] if str(cause) else "")
             self._fail(waiting, type(cause).__name__, str(cause))
         except self._ray.exceptions.RayError as exc:  # the worker or its node died
             del self._running[generator]
