@@ -32,6 +32,8 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from sandbox import KernelSandbox
 
+from interpreter import median_ms  # benchmarks/interpreter.py: this script's folder is on the import path
+
 CELL = "1+1"
 
 
@@ -69,17 +71,6 @@ def _wait_for(url: str, token: str, process: subprocess.Popen[bytes], within: fl
     raise SystemExit(f"the kernel gateway did not come up at {url}")
 
 
-def _median_ms(run: Callable[[], object], rounds: int) -> float:
-    for _ in range(max(5, rounds // 10)):
-        run()
-    samples = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        run()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1000
-
-
 def _cold_start_s(make: Callable[[], KernelSandbox], starts: int) -> float:
     samples = []
     for _ in range(starts):
@@ -110,8 +101,8 @@ def main() -> None:
         with KernelSandbox() as local, remote() as gateway:
             local.start()
             gateway.start()
-            local_ms = _median_ms(lambda: local.execute(CELL), args.rounds)
-            gateway_ms = _median_ms(lambda: gateway.execute(CELL), args.rounds)
+            local_ms = median_ms(lambda: local.execute(CELL), args.rounds)
+            gateway_ms = median_ms(lambda: gateway.execute(CELL), args.rounds)
     _line("local round trip", local_ms, "ms", local_ms)
     _line("gateway round trip", gateway_ms, "ms", local_ms)
     _line("local cold start", local_start, "s", local_start)

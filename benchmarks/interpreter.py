@@ -30,7 +30,8 @@ except ImportError:  # run from a checkout without `pip install -e .`
 CELL = "1 + 1"
 
 
-def _median_ms(run: Callable[[], object], rounds: int) -> float:
+def median_ms(run: Callable[[], object], rounds: int) -> float:
+    """Median milliseconds of `run()` over `rounds` runs, after a warm-up of a tenth of them (at least 5)."""
     for _ in range(max(5, rounds // 10)):
         run()
     samples = []
@@ -128,12 +129,12 @@ def main() -> None:
     manager, client, _ = _raw_kernel()
     with KernelSandbox() as box:
         box.start()
-        raw_blocking_ms = _median_ms(_raw_round_trip(client), args.rounds)
+        raw_blocking_ms = median_ms(_raw_round_trip(client), args.rounds)
         raw_async_ms = asyncio.run(_raw_async_median_ms(manager.connection_file, args.rounds))
         raw_ms = min(raw_blocking_ms, raw_async_ms)
-        sandbox_ms = _median_ms(lambda: box.execute(CELL), args.rounds)
+        sandbox_ms = median_ms(lambda: box.execute(CELL), args.rounds)
         loop = asyncio.new_event_loop()
-        async_ms = _median_ms(lambda: loop.run_until_complete(box.aexecute(CELL)), args.rounds)
+        async_ms = median_ms(lambda: loop.run_until_complete(box.aexecute(CELL)), args.rounds)
         loop.close()
     client.stop_channels()  # type: ignore[attr-defined]
     manager.shutdown_kernel(now=True)
