@@ -13,14 +13,13 @@ import logging
 
 from .collect import OutputCollector
 from .errors import KernelStartError
-from .kernel_holder import KernelHolder
+from .kernel_holder import RESTARTED, KernelHolder
 from .process import KernelProcess, KernelSettings
 from .result import ExecutionResult
 from .workdir import ImageSaver, changed_files, snapshot
 
 logger = logging.getLogger(__name__)
 
-RESTARTED = "kernel restarted, state lost"
 
 
 class Engine(KernelHolder[KernelProcess]):

@@ -27,14 +27,13 @@ from .errors import KernelStartError, SandboxClosedError
 from .gateway import GatewayAddress, GatewayClient, describe
 from .gateway_kernel import RemoteKernel
 from .kernel_entry import _bound_bundle
-from .kernel_holder import KernelHolder
+from .kernel_holder import RESTARTED, KernelHolder
 from .output import HeadTail
 from .result import ExecutionResult
 from .workdir import ImageSaver
 
 logger = logging.getLogger(__name__)
 
-RESTARTED = "kernel restarted, state lost"  # the local engine's words (engine.RESTARTED), so the model learns one
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ from .errors import SandboxClosedError
 
 K = TypeVar("K")
 
+RESTARTED = "kernel restarted, state lost"  # the note after a restart, one wording whichever engine restarted
+
 
 class KernelHolder(Generic[K]):
     """Holds an engine's one kernel: `_kernel` once running, `_starting` while a start task runs (begun by the
