@@ -64,9 +64,9 @@ def _import_file(path: Path) -> ModuleType:
     resolved = path.resolve()
     digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:8]
     name = f"_functionary_tools_{resolved.stem}_{digest}"
-    source = resolved.read_bytes()
+    source_digest = hashlib.sha1(resolved.read_bytes()).hexdigest()
     loaded = sys.modules.get(name)
-    if loaded is not None and getattr(loaded, _SOURCE_DIGEST, None) == hashlib.sha1(source).hexdigest():
+    if loaded is not None and getattr(loaded, _SOURCE_DIGEST, None) == source_digest:
         return loaded
     module_spec = importlib.util.spec_from_file_location(name, resolved)
     if module_spec is None or module_spec.loader is None:
@@ -80,5 +80,5 @@ def _import_file(path: Path) -> ModuleType:
     except Exception as exc:
         sys.modules.pop(name, None)
         raise ConfigurationError(f"importing {path} failed: {type(exc).__name__}: {exc}") from None
-    setattr(module, _SOURCE_DIGEST, hashlib.sha1(source).hexdigest())
+    setattr(module, _SOURCE_DIGEST, source_digest)
     return module

@@ -232,6 +232,19 @@ def resolve_output_types(
     return found
 
 
+def check_batch(
+    items: Iterable[BatchItem], conversation: BatchSettings | ConversationFactory, *, source: str = "batch items",
+    where: str = "item",
+) -> None:
+    """Refuse a run before anything is sent or written: settings that cannot work (`BatchSettings.check`) and
+    output types that name nothing (`resolve_output_types`; with a factory, only str, int, float, bool)."""
+    tools: tuple[str, ...] = ()
+    if isinstance(conversation, BatchSettings):
+        conversation.check()
+        tools = conversation.tools
+    resolve_output_types(items, tools, source=source, where=where)
+
+
 def _output_type(name: str, tools: tuple[str, ...]) -> Any:
     try:
         output_type = find_in_tools(tools, name)
@@ -527,10 +540,7 @@ async def arun_batch(
     `on_result(record)` is called after each line is written. Bad items raise `BatchInputError` before anything
     runs; failed items are counted in the summary, never raised."""
     checked = check_items(items)
-    if isinstance(conversation, BatchSettings):
-        conversation.check()
-    tools = conversation.tools if isinstance(conversation, BatchSettings) else ()
-    resolve_output_types(checked, tools, source="batch items", where="item")  # unknown names: nothing runs
+    check_batch(checked, conversation)
     started = time.perf_counter()
     with BatchOutput(output) as out:
         todo = out.pending(checked)

@@ -75,8 +75,8 @@ def _add_batch_parser(commands: Any) -> None:
     batch = commands.add_parser(
         "batch", help="answer every item of a JSONL file, many at once; a rerun resumes",
         description='Input lines: {"id": ..., "prompt": "..."} or {"id": ..., "messages": [...]} (optional '
-        '"tool_choice"). Output lines: {"id", "answer", "error", "usage", "seconds", "messages"}. A rerun skips the '
-        "ids answered in --output and retries the failed ones.",
+        '"tool_choice", and "output_type": a type named in the tools). Output lines: {"id", "answer", "error", '
+        '"usage", "seconds", "messages"}. A rerun skips the ids answered in --output and retries the failed ones.',
     )
     batch.add_argument("input", help="JSONL file of items")
     batch.add_argument("--output", "-o", required=True, help="JSONL file of results (appended to, resumed)")
@@ -197,7 +197,7 @@ def _batch(args: argparse.Namespace) -> int:
 
 def _batch_plan(args: argparse.Namespace) -> tuple[list[BatchItem], BatchSettings]:
     """The items and the settings, both checked before anything runs or is written: problems are usage errors."""
-    from functionary_agent.batch import BatchSettings, read_items, resolve_output_types
+    from functionary_agent.batch import BatchSettings, check_batch, read_items
 
     settings = BatchSettings(
         tools=tuple(args.tools), base_url=args.base_url, model=args.model, format=args.format, system=args.system,
@@ -205,8 +205,7 @@ def _batch_plan(args: argparse.Namespace) -> tuple[list[BatchItem], BatchSetting
     )
     try:
         items = read_items(args.input)
-        settings.check()
-        resolve_output_types(items, settings.tools, source=args.input)
+        check_batch(items, settings, source=args.input, where="line")
     except (ConfigurationError, ToolDefinitionError) as exc:
         raise _UsageError(str(exc) if isinstance(exc, ConfigurationError) else f"cannot load tools: {exc}") from None
     return items, settings

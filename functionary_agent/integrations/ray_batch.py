@@ -53,6 +53,7 @@ from functionary_agent.batch import (
     BatchSummary,
     Record,
     answer_items,
+    check_batch,
     check_items,
     failure_record,
     resolve_output_types,
@@ -132,8 +133,7 @@ def run_batch_on_ray(
 ) -> BatchSummary:
     """`functionary_agent.batch.run_batch` on Ray: same items, output file, resume rule and summary."""
     checked = check_items(items)
-    settings.check()
-    resolve_output_types(checked, settings.tools, source="batch items", where="item")
+    check_batch(checked, settings)
     started = time.perf_counter()
     with ray_session(address), BatchOutput(output) as out:
         todo = out.pending(checked)
