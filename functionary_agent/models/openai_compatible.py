@@ -44,11 +44,6 @@ T = TypeVar("T")
 
 _RETRY_STATUSES = frozenset({408, 409, 429})
 _RETRY_AFTER_CAP = 60.0
-# Request fields of the OpenAI API; any other setting is an extra body field for the server (vLLM's top_k, ...).
-_TYPED_SETTINGS = frozenset(
-    {"temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed", "presence_penalty",
-     "frequency_penalty", "n", "logit_bias", "logprobs", "top_logprobs", "response_format", "user"}
-)
 
 
 class OpenAICompatibleModel(ChatModel):
@@ -169,18 +164,15 @@ class OpenAICompatibleModel(ChatModel):
         self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]], tool_choice: ToolChoice,
         settings: Mapping[str, Any],
     ) -> dict[str, Any]:
-        merged = {**self.settings, **settings}
-        request: dict[str, Any] = {"model": await self._model_name(), "messages": list(messages)}
-        request.update({key: value for key, value in merged.items() if key in _TYPED_SETTINGS})
-        extra = {key: value for key, value in merged.items() if key not in _TYPED_SETTINGS}
+        extra = {**self.settings, **settings}  # every setting is a body field (vLLM's top_k, ... included)
+        parallel = extra.pop("parallel_tool_calls", True)
+        request: dict[str, Any] = {"model": await self._model_name(), "messages": list(messages), **extra}
         if tools:
             request["tools"] = list(tools)
             request["tool_choice"] = tool_choice
-            if extra.pop("parallel_tool_calls", True) is False:
+            if parallel is False:
                 request["parallel_tool_calls"] = False
-        else:
-            extra.pop("parallel_tool_calls", None)
-        return {**request, **extra}
+        return request
 
     async def _post_chat(self, body: dict[str, Any]) -> Any:
         """POST the body to /chat/completions through the openai client (its auth, headers, timeouts, errors and
