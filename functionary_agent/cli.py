@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import sys
 import time
@@ -20,7 +19,8 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from functionary_agent._terminal import Reporter
+from functionary_agent._terminal import Reporter, json_for_terminal, show_library_warnings
+from functionary_agent._text import visible_controls
 from functionary_agent._tool_files import load_tools
 from functionary_agent.conversation import Conversation
 from functionary_agent.errors import ConfigurationError, FunctionaryAgentError, ToolDefinitionError
@@ -124,6 +124,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def _conversation(args: argparse.Namespace) -> Conversation:
     """The conversation the flags describe; tool files that cannot be loaded are usage errors."""
+    show_library_warnings()  # an MCP server's or OpenAPI document's words in a warning: shown, not obeyed
     try:
         tools = [tool for spec in args.tools for tool in load_tools(spec)]
     except (ConfigurationError, ToolDefinitionError) as exc:
@@ -150,8 +151,7 @@ def _run(args: argparse.Namespace) -> int:
                 reporter.show(event)
         if args.json:
             answer = chat.messages[-1].get("content") or ""
-            print(json.dumps({"answer": answer, "messages": chat.messages, "usage": chat.last_usage.to_dict()},
-                             ensure_ascii=False, indent=2))
+            print(json_for_terminal({"answer": answer, "messages": chat.messages, "usage": chat.last_usage.to_dict()}))
         elif sys.stdout.isatty():
             reporter.notice(chat.last_usage.summary())
     return EXIT_OK
@@ -168,6 +168,7 @@ def _chat(args: argparse.Namespace) -> int:
 def _batch(args: argparse.Namespace) -> int:
     from functionary_agent import batch
 
+    show_library_warnings()  # a failed Ray shard's warning quotes the error: shown, not obeyed
     items, settings = _batch_plan(args)
     started = time.perf_counter()
     todo: list[BatchItem] = []
@@ -246,10 +247,11 @@ def _counts(output: BatchOutput) -> str:
 
 
 def _fail(message: str, status: int = EXIT_FAILED, *, debug: bool = False) -> int:
-    """One line on stderr (after the traceback of the error being handled, with --debug); the exit status."""
+    """One line on stderr (after the traceback of the error being handled, with --debug); the exit status. Both
+    may quote a server, a model or a tool: their controls are shown, not obeyed."""
     if debug:
-        traceback.print_exc(file=sys.stderr)
-    print(f"functionary-agent: error: {message}", file=sys.stderr)
+        print(visible_controls(traceback.format_exc()), end="", file=sys.stderr)
+    print(f"functionary-agent: error: {visible_controls(message)}", file=sys.stderr)
     return status
 
 
