@@ -69,15 +69,20 @@ def approval_panel(chat: Conversation, calls: Sequence[ToolCall]) -> Any:
 
 
 def _resume(chat: Conversation, decisions: dict[str, bool], output: Any) -> None:
-    from IPython.display import Markdown, display
+    """Resume the run and show its outcome below the buttons. The answer is model text and an error can quote
+    it, so both are shown as the live display shows them (`text_bundle`, `error_bundle`), never as Markdown."""
+    from IPython.display import display
 
     from functionary_agent.errors import ApprovalRequired, FunctionaryAgentError
+    from functionary_agent.notebook import error_bundle, failure_text, image_resolver, text_bundle
 
     with output:
         try:
-            display(Markdown(str(chat.resume(decisions))))
+            answer = str(chat.resume(decisions))
         except ApprovalRequired as paused:  # the resumed run paused again: ask again
             display(pending_bundle(paused.calls, with_buttons=True), raw=True)
             display(approval_panel(chat, paused.calls))
         except FunctionaryAgentError as exc:  # a limit, a model failure: said here, not raised into the void
-            display(Markdown(f"**{type(exc).__name__}:** {html.escape(str(exc))}"))
+            display(error_bundle(failure_text(exc)), raw=True)
+        else:
+            display(text_bundle(answer, image_resolver(chat)), raw=True)

@@ -13,6 +13,11 @@ conversation's sandbox, read here and inlined. Any other image becomes a link (o
 escape every image and tag outside code. Sandbox files are read without following links, since the kernel
 that wrote them can plant one.
 
+The rest of what the model or a saved file supplies (tool names, roles, arguments, results, error text) is
+never markup: in HTML it is escaped, in Markdown it is inline code (`_markdown_literal`) or a fenced block.
+Every display of model text, the answer shown after approval buttons included, goes through `text_bundle`,
+and every error through `error_bundle`.
+
 IPython is imported only when something is displayed, so plain Python never loads it or needs it.
 """
 
@@ -72,6 +77,8 @@ ImageResolver = Callable[[str], Path | None]
 """Maps an image path as the code interpreter names it (`/mnt/data/image-1.png`) to a readable host file."""
 
 _IMAGE_LINE = re.compile(r"^\[image saved: (.+)\]$", re.MULTILINE)
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")  # the line endings of CommonMark
+_NOT_A_NAME = re.compile(r"[^A-Za-z0-9_]")
 _IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
                 ".svg": "image/svg+xml"}
 _MAX_IMAGE_BYTES = 16 * 1024 * 1024
@@ -198,13 +205,15 @@ def _call_plain(call: _Call) -> str:
 
 
 def _call_markdown(call: _Call) -> str:
+    """The call's name and arguments as inline code, its code and result as fenced blocks: each a literal that
+    no Markdown it holds can leave (`_markdown_literal`, `_fence`)."""
     icon, label, _ = _STATES[call.state]
     status = label + (f" · {_seconds(call.duration)}" if call.duration else "")
     if call.name == PYTHON:
         parts = [f"{icon} **`python`** — {status}", _fence(code_of(call.arguments), "python")]
     else:
-        arguments = _code_span(compact_json(call.arguments))
-        parts = [f"{icon} **`{call.name}`** {arguments} — {status}"]
+        arguments = _markdown_literal(compact_json(call.arguments))
+        parts = [f"{icon} **{_markdown_literal(call.name)}** {arguments} — {status}"]
     if call.content is not None:
         parts.append(_fence(call.content, "text"))
     return "\n\n".join(parts)
@@ -223,7 +232,12 @@ def _fence(text: str, language: str) -> str:
     return f"{fence}{language}\n{text}\n{fence}"
 
 
-def _code_span(text: str) -> str:
+def _markdown_literal(text: str) -> str:
+    """`text` as inline code: how every name, role and argument text (model- or file-supplied) enters the
+    Markdown rendering. Inside a code span nothing is read as Markdown or HTML; the span's backticks outnumber
+    any run inside, so it cannot be closed early, and line breaks become spaces, since a blank line would end
+    the paragraph, and the span with it, before its closing backticks."""
+    text = _LINE_BREAK.sub(" ", text) or " "
     longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
     ticks = "`" * (longest + 1)
     pad = " " if text.startswith("`") or text.endswith("`") else ""
@@ -253,9 +267,23 @@ def _markdown_renderer() -> MarkdownIt | None:
     return renderer
 
 
-def _text_bundle(text: str, resolve: ImageResolver | None = None) -> Bundle:
+def text_bundle(text: str, resolve: ImageResolver | None = None) -> Bundle:
+    """Model or user text, displayed: the one way such text reaches the frontend (HTML from the guarded
+    renderer, Markdown made inert, the text itself)."""
     return {"text/html": f'<div class="fa-text">{_markdown_html(text, resolve)}</div>',
             "text/markdown": _inert_markdown(text), "text/plain": text}
+
+
+def error_bundle(text: str, css_class: str = "fa-error fa-failure") -> Bundle:
+    """A red box with `text` as text: an error message can quote the model or a tool, so it is escaped, and
+    there is no Markdown to render it as."""
+    box = f'<div class="{css_class}" style="{_BOX.format(colour=_RED)};color:{_RED}">{html.escape(text)}</div>'
+    return {"text/html": box, "text/plain": text}
+
+
+def failure_text(error: BaseException) -> str:
+    """`✗ ErrorType: message`, the line a failed run ends with."""
+    return f"✗ {type(error).__name__}{f': {error}' if str(error) else ''}"
 
 
 # -- links and images in model text -------------------------------------------------------------------------
@@ -601,7 +629,8 @@ def render_markdown(messages: Sequence[Mapping[str, Any]]) -> str:
         if isinstance(value, _Call):
             parts.append(_call_markdown(value))
         else:
-            parts.append(f"**{_ROLE_LABELS.get(kind, kind)}**\n\n{_inert_markdown(value)}")
+            label = _ROLE_LABELS.get(kind) or _markdown_literal(kind)  # a saved file can name any role
+            parts.append(f"**{label}**\n\n{_inert_markdown(value)}")
     return "\n\n".join(parts)
 
 
@@ -618,7 +647,8 @@ def render_html(messages: Sequence[Mapping[str, Any]], *, resolve_image: ImageRe
                          f"<summary>System</summary>{_markdown_html(value, resolve_image)}</details>")
         else:
             label = html.escape(_ROLE_LABELS.get(kind, kind))
-            parts.append(f'<div class="fa-{html.escape(kind)}" style="margin:6px 0">'
+            css_class = f"fa-{kind}" if kind in _ROLE_LABELS else "fa-other-role"
+            parts.append(f'<div class="{css_class}" style="margin:6px 0">'
                          f'<div style="font-weight:600;opacity:0.7">{label}</div>'
                          f"{_markdown_html(value, resolve_image)}</div>")
     return f'<div class="fa-conversation">{"".join(parts)}</div>'
@@ -627,24 +657,33 @@ def render_html(messages: Sequence[Mapping[str, Any]], *, resolve_image: ImageRe
 def _transcript(
     messages: Sequence[Mapping[str, Any]], resolve: ImageResolver | None
 ) -> Iterator[tuple[str, Any]]:
-    """(role, text) and ("call", _Call) in reading order, each call paired with its tool message."""
-    answers = {m.get("tool_call_id"): m for m in messages if m.get("role") == "tool" and m.get("tool_call_id")}
+    """(role, text) and ("call", _Call) in reading order, each call paired with its tool message. Messages set by
+    hand can hold anything: ids that are not strings pair with nothing, calls that are not objects are left out."""
+    answers = {_id_of(m.get("tool_call_id")): m for m in messages if m.get("role") == "tool"}
+    answers.pop(None, None)
     shown: set[str] = set()
     for message in messages:
         role = str(message.get("role"))
         if role == "tool":
-            if message.get("tool_call_id") not in shown:  # a result whose call is not in the list
+            if _id_of(message.get("tool_call_id")) not in shown:  # no call in the list has its id
                 yield "call", _static_call(str(message.get("name") or "tool"), "", message, resolve)
             continue
-        text = message_text(message.get("content"), "\n", name_other_parts=True)
+        text = _shown_text(message.get("content"))
         if text.strip():
             yield role, text
         for tool_call in message.get("tool_calls") or ():
-            function = tool_call.get("function") or {}
-            call_id = tool_call.get("id")
-            shown.add(call_id)
+            function = tool_call.get("function") if isinstance(tool_call, Mapping) else None
+            if not isinstance(function, Mapping):
+                continue
+            call_id = _id_of(tool_call.get("id"))
+            if call_id is not None:
+                shown.add(call_id)
             name, arguments = str(function.get("name", "")), function.get("arguments") or ""
             yield "call", _static_call(name, arguments, answers.get(call_id), resolve)
+
+
+def _id_of(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def _static_call(name: str, arguments: Any, answer: Mapping[str, Any] | None, resolve: ImageResolver | None) -> _Call:
@@ -652,9 +691,19 @@ def _static_call(name: str, arguments: Any, answer: Mapping[str, Any] | None, re
         arguments = json.dumps(arguments, ensure_ascii=False)
     if answer is None:
         return _Call(name, arguments, state="unanswered")
-    content = message_text(answer.get("content"), "\n", name_other_parts=True)
+    content = _shown_text(answer.get("content"))
     images = _load_images(content, resolve) if name == PYTHON else []
     return _Call(name, arguments, content, _state_of(content), images=images)
+
+
+def _shown_text(content: Any) -> str:
+    """A message's content as the text to render: its text parts, and any other part as `[its type]`. The
+    type comes from the file as well, so only its letters, digits and `_` are kept: `[image_url]` stays,
+    `![p](https://...)` in its place cannot become Markdown."""
+    if isinstance(content, list):
+        content = [{**part, "type": _NOT_A_NAME.sub("", str(part.get("type", "text"))) or "part"}
+                   if isinstance(part, Mapping) else part for part in content]
+    return message_text(content, "\n", name_other_parts=True)
 
 
 # -- the live display --------------------------------------------------------------------------------------
@@ -763,11 +812,9 @@ class LiveDisplay:
                 live.call.state = "cancelled"
                 live.refresh(now=True)
         if isinstance(error, (KeyboardInterrupt, asyncio.CancelledError)):
-            text, css = "⏹ Interrupted: the run was stopped.", "fa-interrupted"
+            self._new_output(error_bundle("⏹ Interrupted: the run was stopped.", "fa-interrupted"))
         else:
-            text, css = f"✗ {type(error).__name__}{f': {error}' if str(error) else ''}", "fa-error fa-failure"
-        box = f'<div class="{css}" style="{_BOX.format(colour=_RED)};color:{_RED}">{html.escape(text)}</div>'
-        self._new_output({"text/html": box, "text/plain": text})
+            self._new_output(error_bundle(failure_text(error)))
         self.finish()
 
     def _on_text(self, text: str) -> None:
@@ -775,9 +822,9 @@ class LiveDisplay:
         self._text_value += text
         if self._text is None:
             if self._text_value.strip():  # no empty display for the whitespace before a call
-                self._text = self._new_output(_text_bundle(self._text_value, self._resolve))
+                self._text = self._new_output(text_bundle(self._text_value, self._resolve))
         else:
-            self._text.set(functools.partial(_text_bundle, self._text_value, self._resolve))
+            self._text.set(functools.partial(text_bundle, self._text_value, self._resolve))
 
     def _on_approval(self, calls: list[ToolCall]) -> None:
         """The run paused: show what waits and how to answer, then end the run the way `submit` does."""
