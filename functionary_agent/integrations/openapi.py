@@ -9,7 +9,9 @@ other files or URLs are not fetched: such a schema accepts any value and says so
 The document, the model's arguments and the service's answers are untrusted. The user's `headers` go only to the
 origins the user named (`base_url`, the document's URL, `trusted_origins`); redirects are followed within an
 origin only; link-local and cloud metadata addresses are refused unless allowed (`_http_guard` checks every
-request, redirect hops included, before it is sent). A malformed document is a `ConfigurationError` that names
+request, redirect hops included, before it is sent). Cookies are kept per origin (scheme, host and port, not the
+host alone as RFC 6265 has it): a cookie a service sets goes back only to that origin, on every redirect hop and
+later call, and httpx's shared jar keeps none. A malformed document is a `ConfigurationError` that names
 the JSON pointer of the bad part, and inlining `$ref`s is bounded by a node budget.
 
 Non-2xx answers, refused requests and network failures raise `HTTPCallError` with the method, URL, status and the
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import http.cookiejar
 import json
 import logging
 import os
@@ -143,7 +146,8 @@ class OpenAPITools:
         self.base_url = base_url
         self.tools = [Tool(op.name, op.description, op.parameters, _handler(self, op.name)) for op in operations]
         self._settings = dict(client_settings)
-        self._client = httpx.AsyncClient(**self._settings)
+        self._client = _client(self._settings)
+        self._cookies = _OriginCookies()
         self._loop = asyncio.get_running_loop()
         self._max_chars = max_response_chars
         self._access = access
@@ -177,7 +181,7 @@ class OpenAPITools:
         if self._closed:
             return await make()
         if has_stopped(self._loop):
-            self._client = httpx.AsyncClient(**self._settings)
+            self._client = _client(self._settings)
             self._loop = asyncio.get_running_loop()
         return await on_loop(self._loop, make)
 
@@ -188,7 +192,7 @@ class OpenAPITools:
         method = op.method.upper()
         try:
             outgoing = _outgoing(self._client, self._access, op, request)
-            response = await _within_origin(self._client, outgoing)
+            response = await _within_origin(self._client, outgoing, self._cookies)
         except RequestRefused as exc:
             raise HTTPCallError(f"{method} {request.url}: {exc}") from exc
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
@@ -235,7 +239,7 @@ async def openapi_tools(
     access = _access(home, dict(headers or {}), other_origins, allow_link_local)
     hooks = {"request": [access.guard]}
     settings: dict[str, Any] = {"timeout": timeout, "follow_redirects": False, "event_hooks": hooks}
-    async with httpx.AsyncClient(**settings) as client:
+    async with _client(settings) as client:
         document, spec_url = await _load(spec, client, access.headers)
     operations = _operations(document, base_url, spec_url, include)
     _warn_untrusted(operations, access)
@@ -314,8 +318,8 @@ def _warn_untrusted(operations: Sequence[Operation], access: _Access) -> None:
 
 
 def _outgoing(client: httpx.AsyncClient, access: _Access, op: Operation, request: _PreparedRequest) -> httpx.Request:
-    """The request as it is sent: with the user's headers for a home origin, else refused or without them (and
-    without the client's cookies, which another origin must not see either)."""
+    """The request as it is sent: with the user's headers for a home origin, else refused or without them (the
+    cookies kept for its origin are added as it is sent, by `_within_origin`)."""
     url = httpx.URL(request.url)
     options = dict(request.options)
     own_headers: dict[str, str] = options.pop("headers")
@@ -327,18 +331,20 @@ def _outgoing(client: httpx.AsyncClient, access: _Access, op: Operation, request
             f"{access.guard.home_text()}, so the call was refused before it was sent; the user can name that origin in "
             "trusted_origins=, or allow calls without the headers with other_origins='without_headers'"
         )
-    outgoing = client.build_request(op.method.upper(), url, headers=own_headers, **options)
-    outgoing.headers.pop("cookie", None)
-    if "Cookie" in own_headers:
-        outgoing.headers["Cookie"] = own_headers["Cookie"]
-    return outgoing
+    return client.build_request(op.method.upper(), url, headers=own_headers, **options)
 
 
-async def _within_origin(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
+async def _within_origin(
+    client: httpx.AsyncClient, request: httpx.Request, cookies: _OriginCookies
+) -> httpx.Response:
     """Send, following a redirect only when it stays within the origin, at most `_MAX_REDIRECTS` times; any
-    other redirect raises `RequestRefused` (its body is never read out to the model)."""
+    other redirect raises `RequestRefused` (its body is never read out to the model). Every hop carries the
+    call's own Cookie header (the user's, cookie parameters) or else the cookies kept for the hop's origin."""
+    given = "; ".join(request.headers.get_list("cookie")) or None
     for _ in range(_MAX_REDIRECTS + 1):
+        cookies.attach(request, given)
         response = await client.send(request)
+        cookies.keep(response)
         following = response.next_request
         if following is None:
             return response
@@ -352,6 +358,52 @@ async def _within_origin(client: httpx.AsyncClient, request: httpx.Request) -> h
     raise RequestRefused(f"the server redirected it more than {_MAX_REDIRECTS} times; the last hop was not followed")
 
 
+class _KeepNoCookies(http.cookiejar.CookiePolicy):
+    """The policy of httpx's own jar: it keeps no cookie and sends none. That jar scopes cookies by host, so it
+    would hand one origin's cookies to another port of the same host; `_OriginCookies` keeps them instead."""
+
+    netscape = True
+    rfc2965 = False
+    hide_cookie2 = True
+
+    def set_ok(self, cookie: http.cookiejar.Cookie, request: Any) -> bool:
+        return False
+
+    def return_ok(self, cookie: http.cookiejar.Cookie, request: Any) -> bool:
+        return False
+
+    def domain_return_ok(self, domain: str, request: Any) -> bool:
+        return False
+
+    def path_return_ok(self, path: str, request: Any) -> bool:
+        return False
+
+
+def _client(settings: Mapping[str, Any]) -> httpx.AsyncClient:
+    return httpx.AsyncClient(**settings, cookies=http.cookiejar.CookieJar(_KeepNoCookies()))
+
+
+class _OriginCookies:
+    """The cookies services set, one jar per origin (scheme, host and port): a cookie goes back only to the
+    origin whose response set it. Within a jar, the usual rules (path, expiry, Secure) apply."""
+
+    def __init__(self) -> None:
+        self._jars: dict[Origin, httpx.Cookies] = {}
+
+    def keep(self, response: httpx.Response) -> None:
+        if "set-cookie" in response.headers:
+            origin = Origin.of(response.request.url)
+            self._jars.setdefault(origin, httpx.Cookies()).extract_cookies(response)
+
+    def attach(self, request: httpx.Request, given: str | None) -> None:
+        """Replace `request`'s Cookie header: `given` when there is one, else what its origin's jar holds."""
+        request.headers.pop("cookie", None)
+        if given is not None:
+            request.headers["Cookie"] = given
+        elif (jar := self._jars.get(Origin.of(request.url))) is not None:
+            jar.set_cookie_header(request)
+
+
 # -- loading ---------------------------------------------------------------------------------------------
 async def _load(
     spec: Mapping[str, Any] | str | os.PathLike[str], client: httpx.AsyncClient, headers: Mapping[str, str]
@@ -362,7 +414,8 @@ async def _load(
         spec_url = None
     elif isinstance(spec, str) and _is_http(spec):
         try:
-            response = await _within_origin(client, client.build_request("GET", spec, headers=dict(headers)))
+            request = client.build_request("GET", spec, headers=dict(headers))
+            response = await _within_origin(client, request, _OriginCookies())
             response.raise_for_status()
         except (httpx.HTTPError, RequestRefused) as exc:
             raise ConfigurationError(f"could not fetch the OpenAPI document {spec}: {exc}") from exc
