@@ -6,11 +6,18 @@ can do it, and where decoding is constrained (the embedded engine's grammar, the
 schema-valid by construction. The call gets its tool message, so `chat.messages` stays valid OpenAI chat; it never
 runs user code and never shows as a call in events (it becomes the `FinalAnswer`). A value that fails validation,
 or a text answer that is not the value, goes back to the model a bounded number of times, then raises.
+
+`output_type` must be a type: a class (a pydantic model, a dataclass, a TypedDict, an Enum, `int`, ...) or a typing
+form of types (`list[int]`, `int | None`, `Literal["a", "b"]`, `Annotated[...]`). Pydantic would take a function as
+a "type" and call it with the model's answer, and evaluate a string as a forward reference, so both are refused.
 """
 
 from __future__ import annotations
 
+import enum
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +71,7 @@ class TypedAnswer:
     def __init__(self, output_type: Any, retries: int = 2) -> None:
         if retries < 0:
             raise ConfigurationError(f"output_retries must be 0 or more, got {retries}")
+        check_output_type(output_type)
         self.output_type, self.retries = output_type, retries
         self._adapter, self._schema, self._wrapped = _output_schema(output_type)
 
@@ -123,6 +131,54 @@ class TypedAnswer:
     def _final(self, value: Any) -> FinalAnswer:
         text = self._adapter.dump_json(value).decode()
         return FinalAnswer(text, output=value)
+
+
+def check_output_type(output_type: object) -> None:
+    """Refuse what is not a type (a function, a lambda, a string, an instance), also inside a typing form, with a
+    `ConfigurationError`: pydantic would call a function with the model's answer to "validate" it."""
+    problem = _not_a_type(output_type)
+    if problem is not None:
+        raise ConfigurationError(
+            f"output_type must be a type (a class such as a pydantic model, dataclass, TypedDict, Enum or int, or a "
+            f"form such as list[int], int | None, Literal[...]): {problem}"
+        )
+
+
+_LITERAL_VALUES = (str, int, bytes, bool, enum.Enum, type(None))
+_TYPE_ALIAS = getattr(typing, "TypeAliasType", None)  # `type X = ...` (Python 3.12)
+
+
+def _not_a_type(value: object) -> str | None:
+    """What makes `value` no type (None when it is one): its first part that is not a class or a typing form."""
+    origin = typing.get_origin(value)
+    if origin is typing.Literal:
+        bad = [arg for arg in typing.get_args(value) if not isinstance(arg, _LITERAL_VALUES)]
+        return f"Literal holds {bad[0]!r}" if bad else None
+    if origin is typing.Annotated:
+        return _not_a_type(typing.get_args(value)[0])  # the metadata after the type is pydantic's to read
+    if origin is not None or isinstance(value, types.UnionType):
+        return next(filter(None, (_not_an_argument(arg) for arg in typing.get_args(value))), None)
+    if isinstance(value, type) or value is typing.Any:
+        return None
+    if isinstance(value, typing.NewType):
+        return _not_a_type(value.__supertype__)
+    if _TYPE_ALIAS is not None and isinstance(value, _TYPE_ALIAS):
+        return _not_a_type(value.__value__)
+    return _described(value)
+
+
+def _not_an_argument(arg: object) -> str | None:
+    """An argument of a generic form: a type, or None and `...` as in `int | None` and `tuple[int, ...]`."""
+    return None if arg is None or arg is Ellipsis else _not_a_type(arg)
+
+
+def _described(value: object) -> str:
+    if isinstance(value, (str, typing.ForwardRef)):
+        return f"got the string {str(value)[:80]!r} (a forward reference, which pydantic would evaluate as code)"
+    if callable(value):
+        name = getattr(value, "__qualname__", None) or type(value).__name__
+        return f"got {name!r}, a {type(value).__name__} that is callable but not a class"
+    return f"got {type(value).__name__} {repr(value)[:80]}"
 
 
 def _output_schema(output_type: Any) -> tuple[pydantic.TypeAdapter[Any], dict[str, Any], bool]:

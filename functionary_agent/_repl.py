@@ -106,6 +106,8 @@ class Repl:
             self.chat.save(path)
         except OSError as exc:
             self.reporter.notice(f"cannot save to {path}: {exc.strerror}", error=True)
+        except FunctionaryAgentError as exc:  # messages set by hand that no file could hold
+            self.reporter.notice(f"cannot save to {path}: {exc}", error=True)
         else:
             self.reporter.notice(f"saved {len(self.chat.messages)} messages to {path}")
         return True

@@ -1,21 +1,28 @@
-"""Tools from a Python file or module named on the command line."""
+"""Tools from a Python file or module named on the command line, and the classes defined there that batch items
+name as their `output_type`."""
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import hashlib
 import importlib
 import importlib.util
 import inspect
 import sys
+import typing
 from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+
+import pydantic
+import typing_extensions
 
 from functionary_agent.errors import ConfigurationError, ToolDefinitionError
 from functionary_agent.tools import Tool
 
 _SOURCE_DIGEST = "__functionary_source_sha1__"
+ANSWER_TYPE_KINDS = "pydantic model, dataclass, TypedDict, NamedTuple or Enum"  # the classes items may answer in
 
 
 def load_tools(spec: str) -> list[Tool]:
@@ -37,14 +44,52 @@ def load_tools(spec: str) -> list[Tool]:
     return [Tool.from_function(fn) for fn in functions]
 
 
-def find_in_tools(specs: Iterable[str], name: str) -> Any:
-    """What the first of the tools files or modules `specs` that defines `name` binds it to (a type to answer in,
-    say); `LookupError` when none does."""
+def find_answer_type(specs: Iterable[str], name: str) -> type:
+    """The class `name` that one of the tools files or modules `specs` defines (not imports), to answer in: a
+    pydantic model, a dataclass, a TypedDict, a NamedTuple or an Enum. `LookupError` when none binds `name`;
+    `ConfigurationError`, saying what it is, when the first that binds it binds anything else (a function such as
+    an imported `subprocess.getoutput`, which pydantic would call with the model's answer, a class imported from
+    elsewhere, a lambda, a value)."""
+    refusal: str | None = None
     for spec in specs:
         module = _import(spec)
-        if name in vars(module):
-            return vars(module)[name]
-    raise LookupError(name)
+        if name not in vars(module):
+            continue
+        value = vars(module)[name]
+        problem = _not_an_answer_type(value, module.__name__)
+        if problem is None:
+            return typing.cast(type, value)
+        refusal = refusal or f"{name!r} in {spec} is {problem}"
+    if refusal is None:
+        raise LookupError(name)
+    raise ConfigurationError(
+        f"output_type {refusal}; it must name a {ANSWER_TYPE_KINDS} defined in the tools, or be str, int, float "
+        "or bool"
+    )
+
+
+def _not_an_answer_type(value: object, module_name: str) -> str | None:
+    """Why `value`, bound in the module `module_name`, is no type to answer in; None when it is one."""
+    if not isinstance(value, type):
+        if callable(value):
+            kind = "a function" if inspect.isroutine(value) else f"a callable {type(value).__name__}"
+            origin = getattr(value, "__module__", None)
+            where = "defined there" if origin == module_name else f"from {origin or 'elsewhere'}"
+            return f"{kind} ({where}), not a class"
+        what = "a module" if inspect.ismodule(value) else f"an instance of {type(value).__name__}"
+        return f"{what}, not a class"
+    if value.__module__ != module_name:
+        return f"a class imported from {value.__module__}, not one defined there"
+    if not _is_answer_kind(value):
+        return f"a class that is no {ANSWER_TYPE_KINDS}"
+    return None
+
+
+def _is_answer_kind(cls: type) -> bool:
+    if issubclass(cls, (pydantic.BaseModel, enum.Enum)) or dataclasses.is_dataclass(cls):
+        return True
+    is_named_tuple = issubclass(cls, tuple) and hasattr(cls, "_fields")
+    return is_named_tuple or typing_extensions.is_typeddict(cls)  # typing's TypedDict and its backport
 
 
 def _import(spec: str) -> ModuleType:

@@ -8,10 +8,11 @@ Input, one JSON object a line (blank lines are ignored):
 `id` is a string or an integer, unique in the input; an item has `prompt` (the user's message) or `messages` (a
 chat to continue: OpenAI message dicts; the settings' system message goes first unless they start with one), never
 both; `tool_choice` is optional (for the item's first model turn, as `Conversation` applies it); `output_type`
-(optional) names a type defined in one of the tools files or modules (a pydantic model, a dataclass, a TypedDict,
-...) or one of `str`, `int`, `float`, `bool`: the item is answered as a typed answer (`submit(output_type=...)`)
-and `answer` is that value as JSON. Any bad item refuses the whole run (`BatchInputError`, listing the problems
-with their line numbers) before anything is written or sent.
+(optional) names a class defined (not imported) in one of the tools files or modules (a pydantic model, a
+dataclass, a TypedDict, a NamedTuple or an Enum) or one of `str`, `int`, `float`, `bool`, and nothing else (never
+a function: pydantic would call it with the model's answer): the item is answered as a typed answer
+(`submit(output_type=...)`) and `answer` is that value as JSON. Any bad item refuses the whole run
+(`BatchInputError`, listing the problems with their line numbers) before anything is written or sent.
 
 Output, one JSON object a line per item, in the order items finish:
 
@@ -23,7 +24,9 @@ that raised, bad arguments) are not failures, the model reads them as tool messa
 
 Resume: with an output file that exists, ids answered there are skipped and new lines are appended; ids that
 *failed* there are tried again (their old lines are removed first), so a finished file holds each id once. One
-writer appends each line with one write; a last line cut short by a killed run is cut away by the next run.
+writer appends each line with one write; a last line cut short by a killed run is cut away by the next run. One run
+at a time writes an output: a run holds a lock on `OUTPUT.lock` beside it (an empty file, left in place), and a
+second run on the same output is refused at once.
 
     from functionary_agent.batch import BatchSettings, read_items, run_batch
 
@@ -51,7 +54,8 @@ from typing import Any, TextIO
 
 from functionary_agent import _sync
 from functionary_agent._answers import TypedAnswer
-from functionary_agent._tool_files import find_in_tools, load_tools
+from functionary_agent._saved import schema_problem, structure_problem
+from functionary_agent._tool_files import find_answer_type, load_tools
 from functionary_agent.conversation import Conversation
 from functionary_agent.errors import ConfigurationError, ToolDefinitionError
 from functionary_agent.models import embedded_model
@@ -115,8 +119,9 @@ class BatchSummary:
 
 # -- input ---------------------------------------------------------------------------------------------------
 def read_items(path: str | os.PathLike[str]) -> list[BatchItem]:
-    """The items of a JSONL file; `BatchInputError` lists every bad line (not JSON, no id, duplicate id, neither or
-    both of prompt and messages, a bad tool_choice), `ConfigurationError` when the file cannot be read."""
+    """The items of a JSONL file; `BatchInputError` lists every bad line (not JSON or nested too deep, no id,
+    duplicate id, neither or both of prompt and messages, messages not in OpenAI chat shape, a bad tool_choice),
+    `ConfigurationError` when the file cannot be read."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
@@ -127,6 +132,10 @@ def read_items(path: str | os.PathLike[str]) -> list[BatchItem]:
     problems: list[str] = []
     for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
+            continue
+        too_big = structure_problem(line)  # before json.loads can recurse
+        if too_big is not None:
+            problems.append(f"line {number}: {too_big}")
             continue
         try:
             rows.append((number, json.loads(line)))
@@ -191,7 +200,7 @@ def _content_problem(data: dict[str, Any]) -> str | None:
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in _ROLES:
             return f'"messages"[{index}] must be an object with "role" one of {", ".join(sorted(_ROLES))}'
-    return None
+    return schema_problem({"messages": messages})  # a saved conversation's shape: "messages[2].tool_calls: ..."
 
 
 def _output_type_problem(output_type: object) -> str | None:
@@ -213,20 +222,24 @@ def _tool_choice_problem(choice: object) -> str | None:
 def resolve_output_types(
     items: Iterable[BatchItem], tools: Iterable[str], *, source: str = "batch input", where: str = "line"
 ) -> dict[str, Any]:
-    """The types the items name as `output_type`, looked up in the tools files or modules, then among str, int,
-    float and bool; a name found nowhere, or bound to something with no JSON schema, is a `BatchInputError` that
-    names the first item asking for it."""
+    """The types the items name as `output_type`: classes defined (not imported) in the tools files or modules,
+    then str, int, float and bool. A name found nowhere, bound to anything else (a function, an imported class, a
+    value) or to a type with no JSON schema, and a Python `output_type` that is no type, is a `BatchInputError`
+    that names the first item asking for it."""
     tools = tuple(tools)
     found: dict[str, Any] = {}
     problems: list[str] = []
     for item in items:
         name = item.output_type
-        if isinstance(name, str) and name not in found:
-            try:
+        try:
+            if isinstance(name, str) and name not in found:
+                found[name] = None  # one problem per name, at the first item asking for it
                 found[name] = _output_type(name, tools)
-            except ConfigurationError as exc:
-                found[name] = None
-                problems.append(f"{where} {item.line}: id {item.key}: {exc}")
+            elif name is not None and not isinstance(name, str):
+                TypedAnswer(name)  # a type given from Python: a function or an instance is refused now
+        except ConfigurationError as exc:
+            at = f"{where} {item.line}: " if item.line is not None else ""
+            problems.append(f"{at}id {item.key}: {exc}")
     if problems:
         raise BatchInputError(source, problems)
     return found
@@ -246,8 +259,10 @@ def check_batch(
 
 
 def _output_type(name: str, tools: tuple[str, ...]) -> Any:
+    """The class a tools file or module defines by that name, else the builtin scalar; an input line must never
+    reach a function (pydantic would call it with the model's answer) or a class imported into the tools."""
     try:
-        output_type = find_in_tools(tools, name)
+        output_type: Any = find_answer_type(tools, name)
     except LookupError:
         if name not in _BUILTIN_TYPES:
             raise ConfigurationError(
@@ -338,32 +353,47 @@ class BatchSettings:
 # -- output --------------------------------------------------------------------------------------------------
 class BatchOutput:
     """The batch's output JSONL: read when opened (a half-written last line is cut away), then appended to a whole
-    line at a time by `write`. Locked while open, so two runs cannot write one file. Use as a context manager.
+    line at a time by `write`. Use as a context manager.
 
-    `answered` and `failed` count this run's lines; `cut_bytes` is what opening cut off a killed run's last line."""
+    One run at a time: opening takes an exclusive lock on `lock_path` (the output's name + ".lock", beside it) and
+    holds it until the block ends, the rewrite that drops retried failures included. The lock file is never
+    replaced or removed (the output is, by that rewrite), so every run contends for the same file; it is empty and
+    stays after the run. `answered` and `failed` count this run's lines; `cut_bytes` is what opening cut off a
+    killed run's last line."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
         self.answered = self.failed = self.cut_bytes = 0
         self._file: Any = None
+        self._lock: int | None = None  # the lock file's descriptor while this run holds it
         self._lines: list[tuple[str, bool, bytes]] = []  # (id key, answered?, the line) as read on open
         self._answered_keys: set[str] = set()
 
     def __enter__(self) -> BatchOutput:
+        self._lock = _hold_lock(self.lock_path, self.path)
         try:
-            self._file = open(self.path, "a+b", buffering=0)  # closed in __exit__
-        except OSError as exc:
-            raise ConfigurationError(f"cannot open batch output {self.path}: {exc.strerror or exc}") from None
-        try:
-            _lock(self._file, self.path)
+            try:
+                self._file = open(self.path, "a+b", buffering=0)  # closed in __exit__
+            except OSError as exc:
+                raise ConfigurationError(f"cannot open batch output {self.path}: {exc.strerror or exc}") from None
             self._read_existing()
         except BaseException:
-            self._file.close()
+            self._close()
             raise
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
-        self._file.close()
+        self._close()
+
+    def _close(self) -> None:
+        """The output first, then the lock: another run may open the file only once this one is done with it."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def pending(self, items: Iterable[BatchItem]) -> list[BatchItem]:
         """The items still to run: not answered in the file. Lines of earlier failures of these items are removed
@@ -415,13 +445,12 @@ class BatchOutput:
                 self._answered_keys.add(key)
 
     def _rewrite(self, content: bytes) -> None:
-        """Replace the file's content: written beside it, synced, locked, then renamed over it."""
+        """Replace the file's content: written beside it, synced, then renamed over it (the lock file stays)."""
         handle, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
         replacement = os.fdopen(handle, "a+b", buffering=0)
         try:
             replacement.write(content)
             os.fsync(replacement.fileno())
-            _lock(replacement, self.path)
             os.replace(temporary, self.path)
         except BaseException:
             replacement.close()
@@ -432,13 +461,27 @@ class BatchOutput:
         self._file = replacement
 
 
-def _lock(file: Any, path: Path) -> None:
+def _hold_lock(lock_path: Path, output: Path) -> int | None:
+    """The descriptor of `lock_path`, created if need be and locked for this process (None without `fcntl`);
+    `ConfigurationError` when another run holds it or it cannot be opened."""
     if fcntl is None:
-        return
+        return None
     try:
-        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot open batch output {output}: {lock_path}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise ConfigurationError(f"{path} is being written by another batch run; wait for it or stop it") from None
+        os.close(descriptor)
+        raise ConfigurationError(
+            f"{output} is being written by another batch run (it holds {lock_path}); wait for it to finish or "
+            "stop it, or give another output file"
+        ) from None
+    except BaseException:
+        os.close(descriptor)
+        raise
+    return descriptor
 
 
 # -- running -------------------------------------------------------------------------------------------------

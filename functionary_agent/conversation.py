@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import json
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -26,6 +25,7 @@ from functionary_agent._calls import CANCELLED, CallRunner, tool_message
 from functionary_agent._context import ContextBudget, HistoryHook
 from functionary_agent._interpreter import PythonTool, is_code_interpreter
 from functionary_agent._repeats import RepeatGuard
+from functionary_agent._saved import read_saved_messages, write_saved
 from functionary_agent._tracing import RunTracer, model_label
 from functionary_agent.errors import (
     ApprovalRequired,
@@ -56,7 +56,6 @@ if TYPE_CHECKING:
 
 Content = str | list[dict[str, Any]] | None
 AnswerRule = PlainAnswer | TypedAnswer
-_SAVE_FORMAT = "functionary-agent/conversation"
 DEFAULT_MAX_RESULT_CHARS = 20_000
 
 
@@ -544,14 +543,16 @@ class Conversation:
         self.messages[:] = [m for m in self.messages[:1] if m.get("role") == "system"]
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the messages as JSON; tools are code and are registered again after `load`."""
-        data = {"format": _SAVE_FORMAT, "version": 1, "messages": self.messages}
-        Path(path).write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
+        """Write the messages as JSON, atomically (a crash leaves the old file or the new one, never half of one);
+        tools are code and are registered again after `load`. `OSError` when the file cannot be written."""
+        write_saved(Path(path), self.messages)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], model: ChatModel | str | None = None, **kwargs: Any) -> Conversation:
-        """A conversation with the messages saved at `path`; other arguments as for `Conversation(...)`."""
-        messages = _read_saved_messages(Path(path))
+        """A conversation with the messages saved at `path`; other arguments as for `Conversation(...)`. The file
+        is checked first (its size, its nesting, each message's shape): `ConfigurationError` names the first
+        problem by its JSON path."""
+        messages = read_saved_messages(Path(path))
         conversation = cls(model, **kwargs)
         conversation.messages = messages
         return conversation
@@ -619,19 +620,6 @@ def _check_run_controls(
         raise ConfigurationError(f"history must be a function of the messages, got {type(history).__name__}")
     if not isinstance(output_retries, int) or output_retries < 0:
         raise ConfigurationError(f"output_retries must be 0 or more, got {output_retries!r}")
-
-
-def _read_saved_messages(path: Path) -> list[dict[str, Any]]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigurationError(f"cannot read conversation file {path}: {exc.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigurationError(f"{path} is not a saved conversation (not JSON: {exc})") from None
-    messages = data.get("messages") if isinstance(data, dict) else data
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-        raise ConfigurationError(f"{path} is not a saved conversation: expected a list of messages with a 'role'")
-    return messages
 
 
 def _integration(module: str, extra: str) -> Any:

@@ -242,7 +242,7 @@ def test_an_output_type_found_nowhere_refuses_the_run(tmp_path: Path) -> None:
     lines = done.stderr.splitlines()
     assert lines[0].endswith("2 bad items, nothing was run:")
     assert lines[1].startswith("  line 2: id 2: output_type 'Town' is defined in none of the tools")
-    assert lines[2].startswith("  line 3: id 3: output_type <object object") and "has no JSON schema" in lines[2]
+    assert lines[2].startswith("  line 3: id 3: output_type 'NOT_A_TYPE' in ") and "not a class" in lines[2]
 
 
 def test_a_tools_file_that_cannot_load_is_a_usage_error(tmp_path: Path) -> None:
