@@ -6,6 +6,8 @@ and a private /tmp. As root the namespaces are made directly and the kernel gets
 as a normal user they are made inside a user namespace. Whether that works is probed for real, once per process
 (a short launch of the real launcher), because "the file exists" says nothing about containers and seccomp
 policies. Where it cannot work, a sandbox refuses to start unless the caller opts out with `isolation="none"`.
+The same probe loads the system call filter (`seccomp.py`); where it cannot be loaded, contained kernels run
+without it after one warning, and `Isolation.syscall_filter` says so.
 The process cap comes from a pids cgroup whenever one is writable, else from RLIMIT_NPROC (per sandbox as root,
 whose kernels own a fresh uid; per user otherwise).
 """
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import IsolationUnavailableError
+from .seccomp import UNAVAILABLE as _FILTER_UNAVAILABLE
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +71,7 @@ class HostSupport:
     can_drop_capabilities: bool
     pids_cgroup_root: Path | None
     is_root: bool
+    syscall_filter: bool = False  # the seccomp filter loaded in the probe's launch
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,7 @@ class Isolation:
 
     `mode` is "root" (namespaces made as root, a dedicated uid), "userns" (made inside a user namespace as your
     own uid) or "none" (the explicit opt-out: limits only). `uid`/`gid` are the kernel's ids on the host.
+    `syscall_filter` is True when the kernel runs under the seccomp deny-list of `sandbox/seccomp.py`.
     """
 
     mode: str
@@ -84,6 +89,7 @@ class Isolation:
     uid: int
     gid: int
     capabilities_dropped: bool
+    syscall_filter: bool = False
 
     @property
     def contained(self) -> bool:
@@ -103,14 +109,17 @@ def host_support() -> HostSupport:
     is_root = os.geteuid() == 0
     cgroup_root = _pids_cgroup_root()
     mode = "root" if is_root else "userns"
-    reason = _probe_containment(mode)
+    reason, filter_reason = _probe(mode)
     support = HostSupport(
         mode=None if reason else mode,
         reason=reason,
         can_drop_capabilities=is_root and _has_capability(_CAP_SETPCAP),
         pids_cgroup_root=cgroup_root if cgroup_root is not None and _cgroup_writable(cgroup_root) else None,
         is_root=is_root,
+        syscall_filter=not reason and not filter_reason,
     )
+    if not reason and filter_reason:
+        logger.warning("sandboxed kernels run without a system call filter (%s)", filter_reason)
     logger.debug("sandbox host support: %s", support)
     return support
 
@@ -142,6 +151,7 @@ def plan_isolation(network: bool, isolation: str, support: HostSupport) -> Isola
         uid=uid,
         gid=gid,
         capabilities_dropped=True,
+        syscall_filter=support.syscall_filter,
     )
 
 
@@ -178,9 +188,15 @@ def python_paths(python: str) -> tuple[str, ...]:
 
 
 def launch_config(
-    mode: str, *, network: bool, workdir: Path, runtime: Path, python: str, ids: tuple[int, int]
+    mode: str, *, network: bool, workdir: Path, runtime: Path, python: str, ids: tuple[int, int],
+    syscall_filter: str | None = None,
 ) -> dict[str, object]:
-    """The part of the launcher's configuration that says how to contain the kernel."""
+    """The part of the launcher's configuration that says how to contain the kernel. `syscall_filter` ("required",
+    "try" or "off") defaults to what `plan_isolation` promised: "required" for a contained kernel on a host where
+    the probe loaded the filter."""
+    if syscall_filter is None:
+        contained = mode in ("root", "userns")
+        syscall_filter = "required" if contained and host_support().syscall_filter else "off"
     return {
         "mode": mode,
         "network": network,
@@ -190,11 +206,17 @@ def launch_config(
         "readonly_paths": [*python_paths(python), str(_HERE)],
         "uid": ids[0],
         "gid": ids[1],
+        "syscall_filter": syscall_filter,
     }
 
 
 def _probe_containment(mode: str) -> str:
     """Launch the real launcher once with a trivial command; "" when it worked, else its error line."""
+    return _probe(mode)[0]
+
+
+def _probe(mode: str) -> tuple[str, str]:
+    """`_probe_containment`'s answer, and why the system call filter could not be loaded ("" when it was)."""
     runtime = Path(tempfile.mkdtemp(prefix=f"kernelsandbox-run-{os.getpid()}-"))
     try:
         for name in ("kernel", "root", "work"):
@@ -202,7 +224,8 @@ def _probe_containment(mode: str) -> str:
         (runtime / "kernel" / "probe.json").write_text("{}")
         ids = (_SANDBOX_IDS[0], _SANDBOX_IDS[0]) if mode == "root" else (os.getuid(), os.getgid())
         config = launch_config(
-            mode, network=False, workdir=runtime / "work", runtime=runtime, python=sys.executable, ids=ids
+            mode, network=False, workdir=runtime / "work", runtime=runtime, python=sys.executable, ids=ids,
+            syscall_filter="try",
         )
         config.update(
             cgroup=None, memory_bytes=_PROBE_MEMORY, file_bytes=_PROBE_MEMORY, nproc_limit=None, tmp_bytes=1 << 20,
@@ -214,7 +237,7 @@ def _probe_containment(mode: str) -> str:
         shutil.rmtree(runtime, ignore_errors=True)
 
 
-def _run_probe(runtime: Path) -> str:
+def _run_probe(runtime: Path) -> tuple[str, str]:
     command = [sys.executable, "-S", str(_HERE / "launcher.py"), str(runtime / "launch.json")]
     try:
         done = subprocess.run(  # a clean environment: inside a Jupyter kernel ours names *its* parent's pid
@@ -222,11 +245,12 @@ def _run_probe(runtime: Path) -> str:
             env=_probe_env(),
         )
     except (OSError, subprocess.SubprocessError) as exc:
-        return f"the launcher could not run: {exc}"
-    if done.returncode == 0:
-        return ""
+        return f"the launcher could not run: {exc}", "no probe"
     lines = done.stderr.strip().splitlines()
-    return lines[-1] if lines else f"the launcher exited with status {done.returncode}"
+    if done.returncode != 0:
+        return (lines[-1] if lines else f"the launcher exited with status {done.returncode}"), "no probe"
+    unavailable = [line.removeprefix(_FILTER_UNAVAILABLE) for line in lines if line.startswith(_FILTER_UNAVAILABLE)]
+    return "", unavailable[0] if unavailable else ""
 
 
 def _probe_env() -> dict[str, str]:

@@ -9,9 +9,9 @@ Three processes, in order (modes are planned by `sandbox.isolation`):
    side only to wait, and exits the way the kernel did.
 2. Its child is pid 1 of the new pid namespace: it builds the kernel's root (`rootfs.py`), brings up loopback,
    drops to the sandbox user (a dedicated uid/gid as root; as a normal user, the caller's own uid, which inside
-   the user namespace holds no privilege on the host) with an empty capability bounding set and no_new_privs,
-   then forks the kernel and reaps orphans until the kernel exits. When it exits the kernel removes every
-   process left in the namespace, `setsid()` ones included.
+   the user namespace holds no privilege on the host) with an empty capability bounding set, no_new_privs and
+   the system call filter of `seccomp.py`, then forks the kernel and reaps orphans until the kernel exits. When
+   it exits the kernel removes every process left in the namespace, `setsid()` ones included.
 3. The grandchild execs ipykernel.
 "none" mode (an explicit opt-out) only sets limits and execs. Stdlib only: the parent's package may not be
 importable here. Any failure exits with status 70 and one line on stderr, which the parent reports.
@@ -50,17 +50,18 @@ _SIGNALLED = 128  # pid 1 reports a kernel killed by signal N as exit status 128
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _load_rootfs() -> Any:
-    spec = importlib.util.spec_from_file_location("_sandbox_rootfs", Path(__file__).resolve().parent / "rootfs.py")
+def _load_helper(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(f"_sandbox_{name}", Path(__file__).resolve().parent / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-_rootfs = _load_rootfs()  # also the home of `check` and `SetupError`, which every step here uses
+_rootfs = _load_helper("rootfs")  # also the home of `check` and `SetupError`, which every step here uses
 _check = _rootfs.check
 LaunchError = _rootfs.SetupError
+_seccomp = _load_helper("seccomp")
 
 
 def _join_cgroup(path: str | None) -> None:
@@ -144,6 +145,7 @@ def _become_sandbox_user(config: dict[str, Any]) -> None:
         os.setgroups([])
         os.setresgid(config["gid"], config["gid"], config["gid"])
         os.setresuid(config["uid"], config["uid"], config["uid"])
+    _seccomp.apply(config)  # after no_new_privs; pid 1 and the kernel it forks both carry the filter
 
 
 def _exec_kernel(config: dict[str, Any], connection_file: str, parent: int | None) -> None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -23,6 +21,7 @@ import pytest
 from sandbox import KernelSandbox
 from sandbox.isolation import python_paths
 from sandbox.workdir import MAX_IMAGE_BYTES
+from tests.normal_user import run_as_normal_user
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = ROOT / "sandbox" / "launcher.py"
@@ -196,35 +195,8 @@ with socket.create_server(("127.0.0.1", 0)) as server, KernelSandbox(timeout=30)
 """
 
 
-def _expose_to_everyone(paths: list[str], scratch: str) -> str:
-    """Shell lines for a private mount namespace where folders a normal user cannot enter (such as /root, mode
-    0700, which holds pyenv's interpreter) become a world-traversable tmpfs holding just the needed paths."""
-    lines = []
-    for blocker in sorted({a for p in paths for a in map(str, Path(p).parents) if os.stat(a).st_mode & 0o001 == 0}):
-        stage = tempfile.mkdtemp(prefix="expose-", dir=scratch)
-        lines.append(f"mount --bind {blocker} {stage} && mount -t tmpfs -o mode=755 tmpfs {blocker}")
-        for top in sorted({Path(p).relative_to(blocker).parts[0] for p in paths if p.startswith(blocker + "/")}):
-            lines.append(f"mkdir -p {blocker}/{top} && mount --bind {stage}/{top} {blocker}/{top}")
-    return " && ".join(lines) or "true"
-
-
 def test_a_normal_user_gets_the_same_containment_through_a_user_namespace() -> None:
-    if os.geteuid() != 0 or not (shutil.which("setpriv") and shutil.which("unshare")):
-        pytest.skip("needs root (to become a normal user with setpriv) and util-linux's unshare")
-    workspace = tempfile.mkdtemp(prefix="normal-user-")
-    os.chmod(workspace, 0o755)
-    script = Path(workspace) / "normal_user.py"
-    script.write_text(NORMAL_USER_SCRIPT)
-    os.chmod(script, 0o644)
-    expose = _expose_to_everyone([*python_paths(sys.executable), str(ROOT)], workspace)
-    run_as_user = f"setpriv --reuid=4242 --regid=4242 --clear-groups {sys.executable} {script} {LAUNCHER}"
-    env = {"PATH": os.environ.get("PATH", os.defpath), "PYTHONPATH": str(ROOT), "HOME": workspace}
-    try:
-        done = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                               f"{expose} && exec {run_as_user}"], input=NORMAL_USER_CELL, env=env,
-                              capture_output=True, text=True, timeout=180)
-    finally:
-        shutil.rmtree(workspace, ignore_errors=True)
+    done = run_as_normal_user(NORMAL_USER_SCRIPT, NORMAL_USER_CELL, str(LAUNCHER))
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     assert lines[0] == "userns 4242", done.stdout
