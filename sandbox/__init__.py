@@ -17,6 +17,7 @@ from .errors import (
     SandboxClosedError,
     SandboxConfigurationError,
     SandboxError,
+    WorkdirInUseError,
 )
 from .isolation import ENV_ALLOWLIST, Isolation
 from .kernel import KernelSandbox
@@ -33,4 +34,5 @@ __all__ = [
     "SandboxClosedError",
     "SandboxConfigurationError",
     "SandboxError",
+    "WorkdirInUseError",
 ]

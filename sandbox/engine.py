@@ -3,7 +3,9 @@
 Timeout: interrupt (SIGINT to the process group); if the kernel is not idle after a short grace, kill it and start
 a fresh one in the background. Death (os._exit, a segfault, SIGKILL for memory): detected by polling the process
 while iopub is silent; the result says so and a fresh kernel starts in the background, so the result returns
-without waiting for it.
+without waiting for it. The files a cell wrote come from two snapshots of the workdir, before and after it, each
+bounded in entries and time (`workdir.snapshot`): a tree too big for them costs a cell at most about 0.4 s of host
+work, and the result's notes say that its list of files is partial.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from .workdir import ImageSaver, changed_files, snapshot
 logger = logging.getLogger(__name__)
 
 
-
 class Engine(KernelHolder[KernelProcess]):
     def __init__(self, settings: KernelSettings, interrupt_grace: float) -> None:
         super().__init__()
@@ -29,7 +30,7 @@ class Engine(KernelHolder[KernelProcess]):
         self.grace = interrupt_grace
         self.visible_workdir = settings.isolation.data_path or str(settings.workdir)
         self._lock = asyncio.Lock()
-        self._images = ImageSaver(settings.workdir)
+        self._images = ImageSaver(settings.workdir, settings.idmap_workdir)
         self.processes: set[KernelProcess] = set()  # every kernel not yet closed, for the at-exit killer
 
     @property
@@ -66,9 +67,11 @@ class Engine(KernelHolder[KernelProcess]):
                 kernel.interrupt()  # the caller gave up: do not leave the cell running
                 raise
             result = collector.finish()
-            result.files = changed_files(
-                self.settings.workdir, before, snapshot(self.settings.workdir), set(result.images)
-            )
+            after = snapshot(self.settings.workdir)
+            result.files = changed_files(self.settings.workdir, before, after, set(result.images))
+            partial = before.partial or after.partial
+            if partial is not None:
+                result.notes.append(f"{partial}: the list of changed files is partial")
             result.workdir, result.visible_workdir = self.settings.workdir, self.visible_workdir
             result.duration = asyncio.get_running_loop().time() - begin
             return result
@@ -92,6 +95,10 @@ class Engine(KernelHolder[KernelProcess]):
         if outcome == "died":
             collector.result.kernel_died = collector.result.restarted = True
             collector.result.notes.append(f"kernel died ({kernel.exit_description()}); {RESTARTED}")
+            await self._replace_kernel()
+        elif outcome == "overflow":  # more than the host takes: the rest is not read, the kernel cannot go on
+            collector.result.overflowed = collector.result.restarted = True
+            collector.result.notes.append(f"{kernel.overflow}; {RESTARTED}")
             await self._replace_kernel()
 
     async def _interrupt(self, kernel: KernelProcess, msg_id: str, timeout: float, collector: OutputCollector) -> str:
@@ -143,8 +150,12 @@ class Engine(KernelHolder[KernelProcess]):
             await self._close_process(process)
 
     def kill_now(self) -> None:
-        """Last resort from any thread (interpreter exit): OS-level kill of every kernel we launched."""
+        """Last resort from any thread (interpreter exit): OS-level kill of every kernel we launched. Never raises:
+        one kernel's clean-up failing (its runtime folder is the kernel's to fill) must not spare the others."""
         self.closed = True
         for process in list(self.processes):
-            process.terminate()
+            try:
+                process.terminate()
+            except Exception as exc:
+                logger.warning("kernel %s: clean-up after the kill failed: %r", process.pid, exc)
         self.processes.clear()

@@ -26,3 +26,8 @@ class SandboxClosedError(SandboxError):
 class SandboxConfigurationError(SandboxError, ValueError):
     """Settings that cannot work: a gateway URL that is not http(s), a local-only limit (such as `memory_mb`)
     together with `gateway_url`, or a backend whose packages are not installed. The message names the fix."""
+
+
+class WorkdirInUseError(SandboxConfigurationError):
+    """The workdir (or a folder inside or around it) belongs to a live sandbox whose kernel holds that tree; the
+    message names it (its process id and when it was opened)."""

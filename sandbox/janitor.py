@@ -3,6 +3,12 @@
 Such an owner never ran its finalizer. Its kernel exits on its own (ipykernel polls its parent), but the
 kernel's own children, the pids cgroup and the temporary folders stay. Every name we create carries the owner's
 pid, so the next process that starts a sandbox removes the leftovers of owners that no longer exist.
+
+The temp folder is shared with every local user, so a folder is only removed when it is ours beyond doubt: named
+like ours, its owner pid dead, a real folder (not a link) owned by our euid, or, as root, by one of the dedicated
+sandbox uids (an owned workdir belongs to its kernel while the sandbox is open). It is removed with
+`fdtree.remove_tree` (descriptor-relative, iterative: any depth, no link followed), and whatever goes wrong with
+one folder is logged and skipped: a planted tree can never stop a sandbox from starting.
 """
 
 from __future__ import annotations
@@ -11,15 +17,17 @@ import functools
 import logging
 import os
 import re
-import shutil
+import stat
 import tempfile
 from pathlib import Path
 
+from .fdtree import open_folder, remove_tree
 from .isolation import kill_cgroup, remove_cgroup
 
 logger = logging.getLogger(__name__)
 
 _OWNED = re.compile(r"^kernelsandbox-(?:run-|work-)?(\d+)-")
+_SANDBOX_IDS = range(0x70000000, 0x70000000 + 0x0FFFFFFF)  # isolation.py's dedicated uids, as root
 
 
 def _owner_gone(name: str) -> bool:
@@ -38,18 +46,52 @@ def _owner_gone(name: str) -> bool:
     return False
 
 
+def _ours(info: os.stat_result) -> bool:
+    """A real folder owned by us (or, as root, by one of our kernels)."""
+    if not stat.S_ISDIR(info.st_mode):
+        return False
+    euid = os.geteuid()
+    return info.st_uid == euid or (euid == 0 and info.st_uid in _SANDBOX_IDS)
+
+
 @functools.lru_cache(maxsize=1)
 def sweep_leftovers(cgroup_root: Path | None) -> None:
     """Remove cgroups (killing their tasks) and temp folders whose owner is dead; once per process, never raises."""
+    if cgroup_root is not None:
+        _sweep_cgroups(cgroup_root)
+    _sweep_folders(Path(tempfile.gettempdir()))
+
+
+def _sweep_cgroups(cgroup_root: Path) -> None:
     try:
-        if cgroup_root is not None:
-            for entry in cgroup_root.iterdir():
-                if entry.is_dir() and _owner_gone(entry.name):
-                    kill_cgroup(entry)
-                    remove_cgroup(entry, attempts=5)
-        for entry in Path(tempfile.gettempdir()).iterdir():
-            if entry.is_dir() and _owner_gone(entry.name):
-                logger.info("removing leftover sandbox folder %s", entry)
-                shutil.rmtree(entry, ignore_errors=True)
+        entries = list(cgroup_root.iterdir())
     except OSError as exc:
-        logger.debug("sweeping sandbox leftovers: %s", exc)
+        logger.debug("sweeping sandbox cgroups: %s", exc)
+        return
+    for entry in entries:
+        try:
+            if _owner_gone(entry.name) and entry.is_dir():
+                kill_cgroup(entry)
+                remove_cgroup(entry, attempts=5)
+        except Exception as exc:
+            logger.debug("sweeping cgroup %s: %s", entry, exc)
+
+
+def _sweep_folders(temp: Path) -> None:
+    try:
+        temp_fd = open_folder(temp)
+    except OSError as exc:
+        logger.debug("sweeping sandbox folders in %s: %s", temp, exc)
+        return
+    try:
+        for name in os.listdir(temp_fd):
+            try:
+                if _owner_gone(name) and _ours(os.stat(name, dir_fd=temp_fd, follow_symlinks=False)):
+                    logger.info("removing leftover sandbox folder %s", temp / name)
+                    remove_tree(name, temp_fd)
+            except Exception as exc:
+                logger.warning("could not remove leftover sandbox folder %s: %s", temp / name, exc)
+    except OSError as exc:
+        logger.debug("sweeping sandbox folders in %s: %s", temp, exc)
+    finally:
+        os.close(temp_fd)

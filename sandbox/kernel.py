@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import inspect
 import logging
 import os
-import shutil
 import sys
 import tempfile
 import weakref
@@ -25,11 +25,14 @@ from types import TracebackType
 from typing import Protocol
 
 from .errors import SandboxClosedError, SandboxConfigurationError
+from .fdtree import remove_folder
+from .idmap import idmap_owner
 from .isolation import Isolation, host_support, plan_isolation
 from .janitor import sweep_leftovers
 from .loop import LoopThread
 from .result import ExecutionResult
-from .workdir import hand_over
+from .workdir import hand_over, hand_over_empty
+from .workdir_lock import WorkdirLock, lock_workdir, refuse_if_in_use
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +81,11 @@ class KernelSandbox:
     folders, the workdir at /mnt/data, a private /tmp of at most `max_file_mb`), its own process table and, unless
     `network=True`, no network but its own loopback. Where the machine cannot do that, `IsolationUnavailableError`
     is raised; `isolation="none"` (with `network=True`) is the explicit opt-out that runs the kernel as you.
-    As root the kernel gets a dedicated uid: a `workdir` you pass is handed to it (ownership of its entries) while
-    the sandbox is open and given back to the folder's owner on close.
+    As root the kernel gets a dedicated uid. Where the workdir can be mounted idmapped (see `idmap.py`), what the
+    kernel writes lands on disk as the folder's owner; elsewhere a `workdir` you pass is handed to the kernel's uid
+    (ownership of its entries) while the sandbox is open and given back on close, owners and modes as they were
+    (see `workdir.py`), and the folder is locked meanwhile: a second sandbox on it, or on a folder inside or
+    around it, raises `WorkdirInUseError`.
 
     `gateway_url="http(s)://host:port[/prefix]"` runs the kernel on a Jupyter Kernel Gateway or Enterprise Gateway
     instead (`pip install "functionary-agent[gateway]"`), started through its REST API (`kernel_name`, default:
@@ -117,12 +123,11 @@ class KernelSandbox:
     ) -> None:
         _check_limits(timeout, memory_mb, max_processes, max_output_chars, max_file_mb)
         self.timeout = float(timeout)
-        owned = workdir is None
         common = (workdir, max_output_chars, dict(env or {}), startup_timeout, interrupt_grace)
         if gateway_url is None:
             if token is not None or kernel_name is not None:
                 raise SandboxConfigurationError("token and kernel_name are gateway settings: pass gateway_url=...")
-            self._engine, give_back = self._local_engine(
+            self._engine, release = self._local_engine(
                 *common, memory_mb=memory_mb, max_processes=max_processes, network=network, isolation=isolation,
                 max_file_mb=max_file_mb, python=python,
             )
@@ -131,17 +136,16 @@ class KernelSandbox:
                 memory_mb=memory_mb, max_processes=max_processes, network=network, isolation=isolation,
                 max_file_mb=max_file_mb, python=python,
             )
-            self._engine, give_back = self._gateway_engine(*common, gateway_url, token, kernel_name), None
+            self._engine = self._gateway_engine(*common, gateway_url, token, kernel_name)
+            release = functools.partial(_remove_owned, self.workdir if workdir is None else None)
         self._loop = LoopThread("sandbox-kernel-loop")
-        self._finalizer = weakref.finalize(
-            self, _shutdown, self._loop, self._engine, self.workdir if owned else None, None if owned else give_back
-        )
+        self._finalizer = weakref.finalize(self, _shutdown, self._loop, self._engine, release)
 
     def _local_engine(
         self, workdir: str | Path | None, max_output_chars: int, env: dict[str, str], startup_timeout: float,
         interrupt_grace: float, *, memory_mb: int, max_processes: int, network: bool, isolation: str,
         max_file_mb: int, python: str | None,
-    ) -> tuple[_KernelBackend, Callable[[], None] | None]:
+    ) -> tuple[_KernelBackend, Callable[[], object]]:
         try:
             from .engine import Engine
             from .process import KernelSettings
@@ -153,10 +157,16 @@ class KernelSandbox:
         support = host_support()
         sweep_leftovers(support.pids_cgroup_root)
         self.isolation: Isolation = plan_isolation(network, isolation, support)
+        asked = None if workdir is None else Path(workdir).expanduser().absolute()
+        if asked is not None and self.isolation.mode == "root":
+            refuse_if_in_use(asked)  # before any folder is made there
         self.workdir = _make_workdir(workdir)
-        give_back = None
-        if self.isolation.mode == "root":
-            give_back = hand_over(self.workdir, self.isolation.uid, self.isolation.gid)
+        try:
+            idmapped = idmap_owner(self.workdir, self.isolation)
+            release = _take_workdir(self.workdir, asked, self.isolation, idmapped is not None)
+        except BaseException:
+            _remove_owned(self.workdir if workdir is None else None)
+            raise
         settings = KernelSettings(
             workdir=self.workdir,
             isolation=self.isolation,
@@ -168,8 +178,9 @@ class KernelSandbox:
             startup_timeout=startup_timeout,
             python=python or sys.executable,
             env=env,
+            idmap_workdir=idmapped,
         )
-        return Engine(settings, interrupt_grace), give_back
+        return Engine(settings, interrupt_grace), release
 
     def _gateway_engine(
         self, workdir: str | Path | None, max_output_chars: int, env: dict[str, str], startup_timeout: float,
@@ -306,24 +317,57 @@ def _refuse_local_settings(**given: object) -> None:
 
 def _make_workdir(workdir: str | Path | None) -> Path:
     if workdir is None:
-        return Path(tempfile.mkdtemp(prefix=f"kernelsandbox-work-{os.getpid()}-"))
+        return Path(tempfile.mkdtemp(prefix=f"kernelsandbox-work-{os.getpid()}-")).resolve()
     path = Path(workdir).expanduser().resolve()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def _shutdown(
-    loop: LoopThread, engine: _KernelBackend, workdir: Path | None, give_back: Callable[[], None] | None
-) -> None:
-    """Close on the loop when it still runs, then kill at OS level whatever remains; never raises."""
+def _take_workdir(workdir: Path, asked: Path | None, isolation: Isolation, idmapped: bool) -> Callable[[], object]:
+    """Take what the kernel needs of its workdir; returns the call that lets go of it once the kernel is dead.
+
+    As root with a plain bind (no idmapped mount), the kernel's uid must own the tree: the workdir is locked
+    first (one live sandbox per tree, see `workdir_lock.py`), then handed over: a folder we just created is empty,
+    so only it is chowned; a given folder is walked and recorded (`workdir.hand_over`). Letting go gives the tree
+    back (or removes our own folder), then unlocks. `asked`: the path the caller gave, None for our own folder."""
+    if isolation.mode != "root" or idmapped:
+        return functools.partial(_remove_owned, workdir if asked is None else None)
+    lock = lock_workdir(workdir, asked)
+    try:
+        if asked is None:
+            hand_over_empty(workdir, isolation.uid, isolation.gid)
+            give_back: Callable[[], object] = functools.partial(remove_folder, workdir)
+        else:
+            give_back = hand_over(workdir, isolation.uid, isolation.gid)
+    except BaseException:
+        lock.release()
+        raise
+    return functools.partial(_let_go, give_back, lock)
+
+
+def _let_go(give_back: Callable[[], object], lock: WorkdirLock) -> None:
+    try:
+        give_back()
+    finally:
+        lock.release()
+
+
+def _remove_owned(workdir: Path | None) -> None:
+    """Remove the workdir when the sandbox created it (`remove_folder`: fd-based, any depth, never follows)."""
+    if workdir is not None:
+        remove_folder(workdir)
+
+
+def _shutdown(loop: LoopThread, engine: _KernelBackend, release: Callable[[], object]) -> None:
+    """Close on the loop when it still runs, then kill at OS level whatever remains, then let go of the workdir
+    (the kernel is dead by then: nothing moves in the tree while it is given back); never raises."""
     try:
         if loop.running and not loop.in_loop_thread():
             loop.call(engine.aclose(), timeout=15)
     except Exception as exc:
         logger.warning("sandbox close on its loop failed (%s); killing its processes directly", exc)
-    engine.kill_now()
-    loop.stop()
-    if give_back is not None:
-        give_back()
-    if workdir is not None:
-        shutil.rmtree(workdir, ignore_errors=True)
+    for step in (engine.kill_now, loop.stop, release):
+        try:
+            step()
+        except Exception as exc:  # each step runs whatever the one before did
+            logger.warning("sandbox close: %r", exc)

@@ -3,17 +3,21 @@
 Run inside the launcher's fresh mount and pid namespaces, before privileges are dropped. The new root is a small
 tmpfs holding only mount points: the system folders (/usr, /etc, /lib...), the interpreter's own folders and the
 sandbox package, each bind-mounted read-only; a fresh /proc for the kernel's pid namespace; a minimal /dev; a
-private /tmp and /dev/shm; the workdir read-write at /mnt/data; and the kernel's runtime folder (its connection
-file and sockets) at its host path. `pivot_root` then makes this the whole world: the host's root, the project,
-other sandboxes and /sys are not there at all. Stdlib only: the launcher loads this file by path.
+private /tmp and /dev/shm; the workdir read-write at /mnt/data (idmapped onto its owner when the config's
+`idmap_workdir` says so, see `idmount.py`); and the kernel's runtime folder (its connection file and sockets) at
+its host path. `pivot_root` then makes this the whole world: the host's root, the project, other sandboxes and /sys
+are not there at all. Stdlib only: the launcher loads this file by path.
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
 import platform
 from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 MS_RDONLY = 1
 MS_NOSUID = 2
@@ -63,7 +67,7 @@ def build_root(new_root: str, config: dict[str, object]) -> None:
     _minimal_dev(new_root, tmp_size)
     for path in _outermost([*SYSTEM_PATHS, *_strings(config["readonly_paths"])]):
         _bind_readonly(path, new_root + path)
-    _bind_writable(str(config["workdir"]), new_root + "/mnt/data")
+    _bind_workdir(config, new_root + "/mnt/data")
     _bind_writable(str(config["kernel_dir"]), new_root + str(config["kernel_dir"]))
     _make_dirs(new_root + "/proc")
     mount("proc", new_root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
@@ -134,6 +138,35 @@ def _bind_writable(source: str, target: str) -> None:
     _mount_point(source, target)
     mount(source, target, None, MS_BIND)
     mount(None, target, None, MS_BIND | MS_REMOUNT | MS_NOSUID | MS_NODEV)
+
+
+def _bind_workdir(config: dict[str, object], target: str) -> None:
+    """The workdir, read-write, nosuid and nodev: idmapped when `idmap_workdir` names its owner's (uid, gid), so
+    the kernel's uid/gid stand for them on disk (see `idmount.py`); else a plain bind."""
+    source, owner = str(config["workdir"]), config.get("idmap_workdir")
+    if owner is None:
+        _bind_writable(source, target)
+        return
+    if not (isinstance(owner, list) and len(owner) == 2 and all(isinstance(i, int) and i > 0 for i in owner)):
+        raise SetupError(f"idmapped workdir: the owner must be a non-root (uid, gid), not {owner!r}")
+    if config.get("mode") != "root":
+        raise SetupError("idmapped workdir: only a sandbox made as root can have one")
+    kernel = (int(str(config["uid"])), int(str(config["gid"])))
+    idmount = _load_idmount()
+    _mount_point(source, target)
+    try:
+        idmount.bind_idmapped(source, target, (owner[0], owner[1]), kernel)
+    except (idmount.IdmapError, OSError) as exc:
+        raise SetupError(f"idmapped workdir: {exc}") from None
+
+
+def _load_idmount() -> Any:
+    """`idmount.py`, loaded by path like this file (the package may not be importable in the launcher)."""
+    spec = importlib.util.spec_from_file_location("_sandbox_idmount", Path(__file__).resolve().parent / "idmount.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _private_tmpfs(target: str, size: str) -> None:
