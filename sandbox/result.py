@@ -37,6 +37,7 @@ class ExecutionResult:
     timed_out: bool = False
     restarted: bool = False
     kernel_died: bool = False
+    overflowed: bool = False  # the kernel sent more than the host accepts; it was restarted (see notes)
     notes: list[str] = field(default_factory=list)
     execution_count: int | None = None
     duration: float = 0.0
@@ -47,7 +48,7 @@ class ExecutionResult:
     @property
     def ok(self) -> bool:
         """True when the code ran to completion without an exception."""
-        return self.error is None and not self.timed_out and not self.kernel_died
+        return self.error is None and not self.timed_out and not self.kernel_died and not self.overflowed
 
     def visible_path(self, path: Path) -> str:
         """The path as the code inside the kernel names it."""
