@@ -8,22 +8,29 @@ the connection lives on the sync wrappers' loop) are handed to the loop that own
 
 Faults of a call reach the model as tool errors: a result with `isError` raises `MCPToolError` with the server's
 text, a protocol or transport failure raises `MCPServerError`, and `Tool.run` turns either into "Error: ...".
+
+A stdio server's stderr comes through a pipe of ours (`_StderrTail`): passed on to our stderr as before, with its
+last lines kept, so a server that fails (at start or during a call) is reported with its exit status and the end
+of what it wrote, not only as "Connection closed".
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import os
 import shlex
 import shutil
+import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, TextIO, TypeVar
 
+from functionary_agent._text import shorten, visible_controls
 from functionary_agent.errors import ConfigurationError
 from functionary_agent.integrations._http_guard import Origin, RequestGuard
 from functionary_agent.integrations._shared import has_stopped, on_loop
@@ -43,6 +50,9 @@ __all__ = ["MCPConnection", "MCPServerError", "MCPToolError"]
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+_STDERR_TAIL_BYTES = 4096  # what is kept of a stdio server's stderr, at most; of that, at most
+_STDERR_TAIL_LINES = 20  # ... this many last lines are shown
+_EXIT_WAIT_SECONDS = 5.0  # after a lost connection: the most we wait for the server's exit and its stderr's end
 Streams = Sequence[Any]  # (read_stream, write_stream[, get_session_id]) depending on the SDK version
 
 
@@ -64,7 +74,15 @@ class MCPConnection:
     (streamable HTTP). It is also an async context manager.
     """
 
-    def __init__(self, label: str, *, startup_timeout: float, call_timeout: float | None, prefix: str) -> None:
+    def __init__(
+        self,
+        label: str,
+        *,
+        startup_timeout: float,
+        call_timeout: float | None,
+        prefix: str,
+        server: _StdioServer | None = None,
+    ) -> None:
         self.label = label
         self.server_name: str | None = None
         self.tools: list[Tool] = []
@@ -74,6 +92,8 @@ class MCPConnection:
         self._loop = asyncio.get_running_loop()
         self._session: ClientSession | None = None
         self._failure: str | None = None
+        self._server = server  # a stdio server's process and stderr; None for HTTP
+        self._stray_output: str | None = None  # the first thing the server sent that is not an MCP message
         self._close_requested = asyncio.Event()
         self._ended = asyncio.Event()  # set when the owner task has left the session
         self._owner: asyncio.Task[None] | None = None
@@ -96,7 +116,8 @@ class MCPConnection:
         `env` is added to the few variables the SDK passes on (PATH, HOME, ...), not to the whole environment.
         `prefix` goes before every tool name, to keep two servers' tools apart. `timeout` bounds the start-up
         handshake; `call_timeout` bounds each call. Raises `ConfigurationError` when the server cannot be
-        started, reached or initialised.
+        started, reached or initialised; for a stdio server that exits, it gives the exit status (or signal) and
+        the last lines of the server's stderr.
 
         `headers` go to `url`'s origin (scheme, host and port) and nowhere else: every request for another
         origin, a redirect hop included, is refused before it is sent, and the call fails with that message.
@@ -108,13 +129,15 @@ class MCPConnection:
                 raise ConfigurationError("env= and cwd= apply to a stdio server started by command=, not to url=")
             transport = _http_transport(url, headers)
             label = url
+            server = None
         else:
             if headers is not None:
                 raise ConfigurationError("headers= apply to an HTTP server (url=), not to command=")
             argv = _checked_command(command)
-            transport = _stdio_transport(argv, env, cwd)
+            server = _StdioServer(argv, env, _checked_cwd(cwd))
+            transport = server.connect
             label = shlex.join(argv)
-        connection = cls(label, startup_timeout=timeout, call_timeout=call_timeout, prefix=prefix)
+        connection = cls(label, startup_timeout=timeout, call_timeout=call_timeout, prefix=prefix, server=server)
         await connection._start(transport)
         return connection
 
@@ -157,7 +180,8 @@ class MCPConnection:
             raise
         except Exception as exc:
             await self._shutdown()
-            raise ConfigurationError(f"could not start MCP server {self.label}: {_describe(exc)}") from exc
+            reason = await self._why_start_failed(exc)
+            raise ConfigurationError(f"could not start MCP server {self.label}: {reason}") from None
         self.tools = self._make_tools(specs)
         logger.info("MCP server %s: %d tools", self.label, len(self.tools))
 
@@ -168,7 +192,10 @@ class MCPConnection:
     ) -> None:
         """Enter the transport and the session, serve until asked to close, and exit them in this same task."""
         try:
-            async with transport() as streams, ClientSession(streams[0], streams[1]) as session:
+            async with (
+                transport() as streams,
+                ClientSession(streams[0], streams[1], message_handler=self._note_incoming) as session,
+            ):
                 with anyio.fail_after(self._startup_timeout):
                     initialized = await session.initialize()
                     specs = await _list_tools(session)
@@ -190,7 +217,45 @@ class MCPConnection:
             ready.set_exception(exc)
             return
         self._failure = _describe(exc)
+        own_exit = self._server.own_exit() if self._server is not None else None
+        if own_exit is not None:
+            self._failure += f"; {_exit_phrase(own_exit)}"
         logger.warning("MCP server %s: the session ended: %s", self.label, self._failure)
+
+    async def _note_incoming(self, message: Any) -> None:
+        """The session's message handler: remembers the first thing the server sent that is no MCP message (the
+        SDK skips it and logs it), for the error message should the handshake then fail."""
+        if isinstance(message, Exception) and self._stray_output is None:
+            self._stray_output = _stray_preview(message)
+
+    async def _why_start_failed(self, exc: Exception) -> str:
+        """Why the start failed, for a person: how a stdio server ended, what it sent and wrote, what to check."""
+        server = self._server
+        inner = _innermost(exc)
+        if server is not None and server.process is None and isinstance(inner, OSError):
+            return server.spawn_failure(inner)
+        if server is not None:
+            await server.settle(_EXIT_WAIT_SECONDS)
+        own_exit = server.own_exit() if server is not None else None
+        reason = f"{_exit_phrase(own_exit)} during start-up" if own_exit is not None else _describe(exc)
+        if self._stray_output is not None:
+            reason += f"; it sent something that is not an MCP message: {self._stray_output}"
+            if server is not None:
+                reason += " (a stdio server must write only MCP messages to stdout; logs belong on stderr)"
+        if server is None:
+            return reason
+        return server.with_stderr(reason, if_silent="; run the command in a terminal to see it start")
+
+    async def _why_call_failed(self, exc: Exception) -> str:
+        """Why a call failed: for a lost connection to a stdio server that has exited, its status and stderr."""
+        reason = _describe(exc)
+        server = self._server
+        if server is None or self._close_requested.is_set() or not _lost_connection(exc):
+            return reason
+        await server.settle(_EXIT_WAIT_SECONDS)
+        if server.returncode is None:
+            return reason
+        return server.with_stderr(f"{reason}: {_exit_phrase(server.returncode)}")
 
     async def _shutdown(self) -> None:
         self._close_requested.set()
@@ -209,7 +274,8 @@ class MCPConnection:
         except MCPServerError:
             raise
         except Exception as exc:
-            raise MCPServerError(f"MCP server {self._display} did not answer: {_describe(exc)}") from exc
+            reason = await self._why_call_failed(exc)
+            raise MCPServerError(f"MCP server {self._display} did not answer: {reason}") from exc
         data = _dump(result)
         text = content_to_text(data)
         if data.get("isError"):
@@ -224,7 +290,8 @@ class MCPConnection:
             await asyncio.wait({call, ended}, return_when=asyncio.FIRST_COMPLETED)
             if call.done():
                 return call.result()
-            raise MCPServerError("the session was closed during the call")
+            reason = f" ({self._failure})" if self._failure else ""
+            raise MCPServerError(f"the session with MCP server {self._display} was closed during the call{reason}")
         finally:
             for task in (call, ended):
                 task.cancel()
@@ -269,31 +336,183 @@ def _checked_command(command: Sequence[str] | str | None) -> list[str]:
     return argv
 
 
-def _stdio_transport(
-    argv: list[str], env: Mapping[str, str] | None, cwd: str | os.PathLike[str] | None
-) -> Callable[[], contextlib.AbstractAsyncContextManager[Streams]]:
-    params = StdioServerParameters(
-        command=argv[0], args=argv[1:], env=dict(env) if env is not None else None, cwd=_path(cwd)
-    )
-    return lambda: stdio_client(params, errlog=_errlog())
+def _checked_cwd(cwd: str | os.PathLike[str] | None) -> str | None:
+    if cwd is None:
+        return None
+    if not os.path.isdir(cwd):
+        raise ConfigurationError(f"cwd={os.fspath(cwd)!r} for the MCP server is not a directory")
+    return os.fspath(cwd)
 
 
-def _errlog() -> TextIO:
-    """Where the server's stderr goes: ours, or the process's own when ours has no file descriptor (Jupyter
-    kernels may replace sys.stderr with a stream a child process cannot write to)."""
+class _StdioServer:
+    """A stdio server's process, as far as the SDK lets us see it: started by `stdio_client`, its stderr read
+    through `_StderrTail`, and its exit status once it has ended."""
+
+    def __init__(self, argv: list[str], env: Mapping[str, str] | None, cwd: str | None) -> None:
+        self._params = StdioServerParameters(
+            command=argv[0], args=argv[1:], env=dict(env) if env is not None else None, cwd=cwd
+        )
+        self.process: Any = None  # the SDK's process object, once spawned
+        self.stderr: _StderrTail | None = None
+        self.exited_by_itself = False  # it had ended before the SDK closed its stdin to stop it
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status, negative for a signal (-9: SIGKILL); None while it runs or when it is not known."""
+        code = getattr(self.process, "returncode", None)
+        return code if isinstance(code, int) else None
+
+    @contextlib.asynccontextmanager
+    async def connect(self) -> AsyncIterator[Streams]:
+        """The SDK's stdio transport, with the server's stderr captured and its exit noted."""
+        stderr = self.stderr = _StderrTail()
+        try:
+            client = stdio_client(self._params, errlog=stderr.writer)
+            async with client as streams:
+                stderr.close_writer()  # the server has its own copy: the pipe ends with it (and its children)
+                self.process = _spawned_process(client)
+                try:
+                    yield streams
+                except Exception as exc:
+                    if _lost_connection(exc):  # it may have crashed: let its exit status arrive before stopping it
+                        await _until(lambda: self.returncode is not None, _EXIT_WAIT_SECONDS)
+                    raise
+                finally:
+                    self.exited_by_itself = self.returncode is not None
+        finally:
+            stderr.close_writer()
+
+    def own_exit(self) -> int | None:
+        """The exit status if the server ended by itself, before the transport began to stop it."""
+        return self.returncode if self.exited_by_itself else None
+
+    async def settle(self, within: float) -> None:
+        """Wait, polling on the loop, until the process has exited and its stderr has been read to the end."""
+        stderr = self.stderr
+        await _until(
+            lambda: (self.process is None or self.returncode is not None)
+            and (stderr is None or stderr.ended.is_set()),
+            within,
+        )
+
+    def with_stderr(self, reason: str, if_silent: str = "") -> str:
+        """`reason`, then the last lines of the server's stderr (controls shown), or that it wrote none and then
+        `if_silent`."""
+        lines = self.stderr.last_lines() if self.stderr is not None else []
+        if lines:
+            quoted = "\n".join(f"  | {line}" for line in lines)
+            return f"{reason}; the last lines of its stderr:\n{quoted}"
+        return f"{reason}, with nothing on stderr{if_silent}" if self.returncode is not None else reason + if_silent
+
+    def spawn_failure(self, error: OSError) -> str:
+        """Why the program could not be run at all, naming it and what to check."""
+        program = self._params.command
+        hints = {
+            FileNotFoundError: "check the interpreter on its #! line, and PATH if env= sets it",
+            PermissionError: "check that it is executable by this user",
+        }
+        hint = hints.get(type(error), "is it a program, or a script starting with a #! line?")
+        return f"cannot run {program!r}: {error.strerror or error} ({hint})"
+
+
+class _StderrTail:
+    """A stdio server's stderr, through a pipe of ours: passed on to our stderr as it comes, as if the server wrote
+    there itself, with its last `_STDERR_TAIL_BYTES` kept for error messages.
+
+    A daemon thread reads the pipe, so the event loop never waits on it. It ends at end of file, when the server
+    and every child that inherited its stderr have exited (`ended`), and then closes the pipe.
+    """
+
+    def __init__(self) -> None:
+        read_fd, write_fd = os.pipe()
+        self.writer: TextIO = os.fdopen(write_fd, "w")  # the server's stderr; ours is closed once it has its copy
+        self.ended = threading.Event()
+        self._tail = bytearray()
+        self._cut = False  # the tail no longer starts at the server's first byte
+        self._lock = threading.Lock()
+        forward_fd = _stderr_fd()
+        self._forward_fd = os.dup(forward_fd) if forward_fd is not None else None  # ours, even if fd 2 is closed
+        threading.Thread(target=self._pump, args=(read_fd,), name="mcp-server-stderr", daemon=True).start()
+
+    def close_writer(self) -> None:
+        self.writer.close()  # a second close does nothing
+
+    def last_lines(self) -> list[str]:
+        """At most `_STDERR_TAIL_LINES` last lines, as plain text: control characters shown (`visible_controls`),
+        undecodable bytes replaced, a first line cut short by the size bound left out."""
+        with self._lock:
+            data, cut = bytes(self._tail), self._cut
+        lines = [line.rstrip() for line in visible_controls(data.decode("utf-8", errors="replace")).split("\n")]
+        if cut and len(lines) > 1:
+            lines = lines[1:]
+        while lines and not lines[-1]:
+            lines.pop()
+        return lines[-_STDERR_TAIL_LINES:]
+
+    def _pump(self, read_fd: int) -> None:
+        try:
+            while chunk := os.read(read_fd, 65536):
+                with self._lock:
+                    self._tail += chunk
+                    if len(self._tail) > _STDERR_TAIL_BYTES:
+                        del self._tail[:-_STDERR_TAIL_BYTES]
+                        self._cut = True
+                self._forward(chunk)
+        except OSError as exc:
+            logger.debug("reading an MCP server's stderr failed: %s", exc)
+        finally:
+            os.close(read_fd)
+            if self._forward_fd is not None:
+                os.close(self._forward_fd)
+            self.ended.set()
+
+    def _forward(self, chunk: bytes) -> None:
+        if self._forward_fd is None:
+            return
+        view = memoryview(chunk)
+        try:
+            while view:
+                view = view[os.write(self._forward_fd, view) :]
+        except OSError:  # our stderr is gone or full and non-blocking: the tail is kept all the same
+            pass
+
+
+def _stderr_fd() -> int | None:
+    """Where a server's stderr is passed on: ours, or the process's own when ours has no file descriptor (Jupyter
+    kernels replace sys.stderr with a stream that has none); None when neither has one."""
     for stream in (sys.stderr, sys.__stderr__):
         try:
             if stream is not None:
-                stream.fileno()
-                return stream
+                return stream.fileno()
         except (AttributeError, OSError, ValueError):
             continue
-    return _devnull()
+    return None
 
 
-@functools.cache
-def _devnull() -> TextIO:
-    return open(os.devnull, "w")  # one for the whole process, never closed
+def _spawned_process(client: object) -> Any:
+    """The process object `stdio_client` spawned. The SDK gives it no handle, so it is read from the local of that
+    name in the generator behind the context manager; without it (another SDK layout) errors still carry the
+    server's stderr, only not its exit status."""
+    frame = getattr(getattr(client, "gen", None), "ag_frame", None)
+    process = frame.f_locals.get("process") if frame is not None else None
+    return process if hasattr(process, "returncode") else None
+
+
+async def _until(condition: Callable[[], bool], within: float) -> None:
+    """Return once `condition()` holds or `within` seconds have passed, polling without blocking the loop."""
+    deadline = time.monotonic() + within
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+
+
+def _exit_phrase(returncode: int) -> str:
+    if returncode >= 0:
+        return f"it exited with status {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = "an unknown signal"
+    return f"it was killed by {name} (signal {-returncode})"
 
 
 def _http_transport(
@@ -368,10 +587,6 @@ def content_to_text(result: Mapping[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def _path(value: str | os.PathLike[str] | None) -> str | None:
-    return None if value is None else os.fspath(value)
-
-
 def _dump(model: Any) -> dict[str, Any]:
     return dict(model.model_dump(by_alias=True, mode="json", exclude_none=True))
 
@@ -384,6 +599,24 @@ def _describe(exc: BaseException) -> str:
     error = getattr(exc, "error", None)
     message = getattr(error, "message", None) or str(exc) or "no details"
     return f"{type(exc).__name__}: {message}"
+
+
+def _lost_connection(exc: BaseException) -> bool:
+    """Whether a call failed because the connection is gone (rather than the server answering with an error)."""
+    inner = _innermost(exc)
+    if isinstance(inner, (anyio.ClosedResourceError, anyio.BrokenResourceError, anyio.EndOfStream)):
+        return True
+    code = getattr(getattr(inner, "error", None), "code", None)
+    return code is not None and code == getattr(mcp.types, "CONNECTION_CLOSED", -32000)
+
+
+def _stray_preview(exc: Exception) -> str:
+    """What the server sent that is no MCP message, quoted and shortened: pydantic's error carries the input."""
+    try:
+        text = str(exc.errors()[0]["input"])  # type: ignore[attr-defined]
+    except (AttributeError, IndexError, KeyError, TypeError):
+        text = str(exc)
+    return repr(shorten(text, 120))
 
 
 def _innermost(exc: BaseException) -> BaseException:
