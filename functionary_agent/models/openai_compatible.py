@@ -1,19 +1,33 @@
 """Any OpenAI-compatible server (Functionary's, vLLM, llama.cpp, OpenAI) through the official `openai` package.
 
-Retries are ours (tenacity), not the SDK's, so that Retry-After, jitter and the final message are under one
-roof. Streams are normalised here: real servers send `arguments: null`, split names over deltas, repeat or omit
+Retry policy (ours, through tenacity, not the SDK's): only what can recover is retried, namely timeouts, a
+connection that breaks mid-request, 408, 409, 429 and 5xx, up to `max_retries` more attempts (default 4), waiting
+`retry_initial_delay * 2**n` seconds (0.5, 1, 2, 4; at most `retry_max_delay`) plus jitter, or what the server's
+`Retry-After` / `retry-after-ms` asks (up to a minute). What cannot recover fails on the first attempt with one line
+that names the URL and what to check: a refused connection, a host name that does not resolve, a TLS failure, other
+4xx (a 404 from a base URL without a version segment suggests `.../v1`). A base URL that cannot work (no
+`http://`, no host, a bad port) is refused by the constructor. Connecting may take `min(timeout, 10)` seconds;
+answering, `timeout`.
+
+Streams are normalised here: real servers send `arguments: null`, split names over deltas, repeat or omit
 ids, send arguments as a dict, and say `finish_reason: "stop"` after calls; consumers see clean deltas only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import logging
 import os
+import re
+import socket
+import ssl
+import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, TypeVar
+from urllib.parse import urlsplit
 
 import openai
 from tenacity import (
@@ -44,13 +58,21 @@ T = TypeVar("T")
 
 _RETRY_STATUSES = frozenset({408, 409, 429})
 _RETRY_AFTER_CAP = 60.0
+_CONNECT_TIMEOUT_CAP = 10.0  # a host that drops packets costs this per attempt, not the whole `timeout`
+# A connection that broke after it was made (the server restarted, a proxy reset it) may work again; these are the
+# transport errors' class names in httpx and httpcore (openai 1.x) and in httpx2 and httpcore2 (openai 3.x).
+_RECOVERABLE_TRANSPORT_ERRORS = frozenset({"ReadError", "WriteError", "RemoteProtocolError"})
+_VERSION_SEGMENT = re.compile(r"v\d+\w*")  # /v1, /v1beta, /v4 ...
+_ENDPOINTS = ("/chat/completions", "/completions", "/models")
 
 
 class OpenAICompatibleModel(ChatModel):
     """A model behind an OpenAI-compatible `/chat/completions` endpoint.
 
     Settings come from the arguments or `FUNCTIONARY_BASE_URL`, `FUNCTIONARY_MODEL`, `FUNCTIONARY_API_KEY`.
-    With no model name the server's first listed model is used (local servers usually serve one).
+    With no model name the server's first listed model is used (local servers usually serve one). `max_retries`,
+    `retry_initial_delay` and `retry_max_delay` set the retry policy (see the module's docstring); pass the model
+    to `Conversation(model)` to use them there. `ConfigurationError` for a base URL or setting that cannot work.
     """
 
     def __init__(
@@ -68,13 +90,15 @@ class OpenAICompatibleModel(ChatModel):
         base_url = base_url or os.environ.get("FUNCTIONARY_BASE_URL")
         if not base_url:
             raise ConfigurationError("OpenAICompatibleModel needs base_url=... or FUNCTIONARY_BASE_URL")
-        self.base_url = base_url.rstrip("/")
+        _check_retry_policy(timeout, max_retries, retry_initial_delay, retry_max_delay)
+        self.base_url = _checked_base_url(base_url)
         self.model = model or os.environ.get("FUNCTIONARY_MODEL") or None
         # Local servers need no key, but the SDK insists on one; never fall back to OPENAI_API_KEY, which
         # would send a user's OpenAI key to whatever server base_url names.
         self._api_key = api_key or os.environ.get("FUNCTIONARY_API_KEY") or "not-needed"
         self.timeout = timeout
         self.max_retries = max_retries
+        self.retry_initial_delay, self.retry_max_delay = retry_initial_delay, retry_max_delay
         backoff = wait_exponential(multiplier=retry_initial_delay, max=retry_max_delay) + wait_random(
             0, retry_initial_delay
         )
@@ -154,8 +178,8 @@ class OpenAICompatibleModel(ChatModel):
                 del self._clients[stale]
             pool = _LoopPool.join(loop)
             client = openai.AsyncOpenAI(
-                base_url=self.base_url, api_key=self._api_key, timeout=self.timeout, max_retries=0,
-                http_client=pool.http,
+                base_url=self.base_url, api_key=self._api_key, max_retries=0, http_client=pool.http,
+                timeout=openai.Timeout(self.timeout, connect=min(self.timeout, _CONNECT_TIMEOUT_CAP)),
             )
             entry = self._clients[loop] = (client, pool)
         return entry[0]
@@ -199,6 +223,8 @@ class OpenAICompatibleModel(ChatModel):
             name = await self._model_name()
             page = await self._with_retries(lambda: self._client().models.list())
         except ModelError as exc:
+            if not isinstance(exc.__cause__, openai.APIStatusError):  # unreachable: the chat request would fail too
+                raise
             logger.info("cannot read the context length from %s/models: %s", self.base_url, exc)
             return 0
         for entry in getattr(page, "data", None) or []:
@@ -219,25 +245,62 @@ class OpenAICompatibleModel(ChatModel):
         return self.model
 
     async def _with_retries(self, send: Callable[[], Awaitable[T]]) -> T:
-        """Retry connection failures, 408, 409, 429 and 5xx with backoff; other errors fail at once."""
+        """Retry what can recover (see the module's docstring); anything else fails at once, as one `ModelError`."""
         retrying = AsyncRetrying(
             retry=retry_if_exception(_is_retryable),
             wait=self._wait,
             stop=stop_after_attempt(self.max_retries + 1),
             reraise=True,
-            before_sleep=lambda state: logger.info("retrying %s: %s", self.base_url, state.outcome),
+            before_sleep=self._log_retry,
         )
+        attempts = 0
         try:
             async for attempt in retrying:
                 with attempt:
+                    attempts = attempt.retry_state.attempt_number
                     return await send()
-        except openai.APIStatusError as exc:
-            raise ModelError(f"{self.base_url} answered {exc.status_code}: {_reason(exc)}") from exc
-        except openai.APIConnectionError as exc:
-            raise ModelError(f"cannot reach {self.base_url}: {_reason(exc)}") from exc
         except openai.OpenAIError as exc:
-            raise ModelError(f"request to {self.base_url} failed: {_reason(exc)}") from exc
+            gave_up = f" (gave up after {attempts} attempts)" if attempts > 1 else ""
+            raise ModelError(self._failure(exc) + gave_up) from exc
         raise AssertionError("unreachable: tenacity either returns or re-raises")
+
+    def _log_retry(self, state: RetryCallState) -> None:
+        delay = state.next_action.sleep if state.next_action else 0.0
+        error = state.outcome.exception() if state.outcome else None
+        logger.info(
+            "retrying %s in %.1f s (attempt %d of %d failed): %s", self.base_url, delay, state.attempt_number,
+            self.max_retries + 1, self._failure(error) if isinstance(error, openai.OpenAIError) else error,
+        )
+
+    def _failure(self, exc: openai.OpenAIError) -> str:
+        """One line: the URL, what went wrong, and what to check."""
+        if isinstance(exc, openai.APIStatusError):
+            hint = _not_found_hint(self.base_url) if exc.status_code == 404 else ""
+            return f"{self.base_url} answered {exc.status_code}: {_reason(exc)}{hint}"
+        if isinstance(exc, openai.APIConnectionError):
+            return f"cannot reach {self.base_url}: {self._connection_problem(exc)}"
+        return f"request to {self.base_url} failed: {_reason(exc)}"
+
+    def _connection_problem(self, exc: openai.APIConnectionError) -> str:
+        parts = urlsplit(self.base_url)
+        host = parts.hostname or ""
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        causes = _causes(exc)
+        if any(isinstance(cause, ConnectionRefusedError) for cause in causes):
+            return f"connection refused at {host}:{port}; is the server running and listening on port {port}?"
+        unresolved = next((cause for cause in causes if isinstance(cause, socket.gaierror)), None)
+        if unresolved is not None:
+            return f"cannot resolve the host name {host!r} ({unresolved.strerror}); check its spelling and the network"
+        tls = next((cause for cause in causes if isinstance(cause, ssl.SSLError)), None)
+        if tls is not None:
+            return f"TLS failed ({_one_line(tls)}); check https:// against http:// and the server's certificate"
+        if isinstance(exc, openai.APITimeoutError):
+            if any(type(cause).__name__ == "ConnectTimeout" for cause in causes):
+                limit = min(self.timeout, _CONNECT_TIMEOUT_CAP)
+                return f"no connection within {limit:g} s; check the host and port (a firewall may drop packets)"
+            return f"no answer within {self.timeout:g} s; is the server overloaded? (a slow model needs more timeout)"
+        system = next((cause.strerror for cause in causes if isinstance(cause, OSError) and cause.strerror), None)
+        return f"{system or _reason(exc)}; check the URL and the network"  # e.g. "No route to host"
 
 
 class _LoopPool:
@@ -265,14 +328,86 @@ class _LoopPool:
             await self.http.aclose()
 
 
+def _checked_base_url(base_url: str) -> str:
+    """The base URL without surrounding blanks or a trailing slash; `ConfigurationError` for one that cannot work
+    (a missing or unknown scheme, no host, a bad port), which would otherwise fail only when the first request
+    goes out."""
+    url = base_url.strip().rstrip("/")
+    if not re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", url):
+        raise ConfigurationError(
+            f"the server URL {base_url!r} has no http:// or https://; did you mean 'http://{url}'?"
+        )
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https"):
+        raise ConfigurationError(f"the server URL {base_url!r} must start with http:// or https://")
+    if any(char.isspace() for char in url):
+        raise ConfigurationError(f"the server URL {base_url!r} contains blanks; remove them")
+    if not parts.hostname:
+        raise ConfigurationError(f"the server URL {base_url!r} names no host; e.g. http://127.0.0.1:8000/v1")
+    try:
+        port = parts.port  # None without one
+    except ValueError:  # ":99999", ":80a"
+        port = 0
+    if port == 0:
+        raise ConfigurationError(f"the server URL {base_url!r} has an invalid port; ports are 1 to 65535")
+    return url
+
+
+def _check_retry_policy(timeout: float, max_retries: int, initial_delay: float, max_delay: float) -> None:
+    if not timeout > 0:
+        raise ConfigurationError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+        raise ConfigurationError(f"max_retries must be a whole number, 0 or more, got {max_retries!r}")
+    if not (initial_delay >= 0 and max_delay >= 0):
+        raise ConfigurationError(
+            f"retry delays must be 0 or more seconds, got retry_initial_delay={initial_delay!r}, "
+            f"retry_max_delay={max_delay!r}"
+        )
+
+
 def _is_retryable(exc: BaseException) -> bool:
-    if isinstance(exc, openai.APIConnectionError):  # includes timeouts
+    """Timeouts, connections broken after they were made, 408, 409, 429 and 5xx: what waiting can fix."""
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code in _RETRY_STATUSES or exc.status_code >= 500
+    if isinstance(exc, openai.APITimeoutError):
         return True
-    return isinstance(exc, openai.APIStatusError) and (exc.status_code in _RETRY_STATUSES or exc.status_code >= 500)
+    if isinstance(exc, openai.APIConnectionError):  # refused, unresolvable, TLS, a bad URL: waiting cannot help
+        return any(
+            type(cause).__name__ in _RECOVERABLE_TRANSPORT_ERRORS and type(cause).__module__.startswith("http")
+            for cause in _causes(exc)
+        )
+    return False
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """`exc`, its causes and contexts, and the members of exception groups among them (anyio raises one when
+    every address of a host failed), each once."""
+    found: list[BaseException] = []
+    pending = [exc]
+    while pending and len(found) < 50:
+        current = pending.pop(0)
+        if any(current is seen for seen in found):
+            continue
+        found.append(current)
+        pending.extend(getattr(current, "exceptions", ()))
+        pending.extend(link for link in (current.__cause__, current.__context__) if link is not None)
+    return found
+
+
+def _not_found_hint(base_url: str) -> str:
+    """For a 404: the base URL most servers want, when this one lacks a version segment or names an endpoint."""
+    path = urlsplit(base_url).path
+    for endpoint in _ENDPOINTS:
+        if path.endswith(endpoint):
+            return f"; the URL should stop before {endpoint}: did you mean {base_url[: -len(endpoint)]}?"
+    if any(_VERSION_SEGMENT.fullmatch(segment) for segment in path.split("/")):
+        return ""
+    return f"; did you mean {base_url}/v1?"
 
 
 class _RetryAfterOrBackoff:
-    """Honour a server's Retry-After (seconds, up to a minute); otherwise exponential backoff with jitter."""
+    """Honour a server's `retry-after-ms` or `Retry-After` (seconds or an HTTP date), up to a minute; otherwise
+    exponential backoff with jitter."""
 
     def __init__(self, backoff: Callable[[RetryCallState], float]) -> None:
         self._backoff = backoff
@@ -280,24 +415,41 @@ class _RetryAfterOrBackoff:
     def __call__(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
         response = getattr(exc, "response", None)
-        header = response.headers.get("retry-after") if response is not None else None
-        try:
-            return min(max(float(header), 0.0), _RETRY_AFTER_CAP) if header else self._backoff(state)
-        except ValueError:  # an HTTP date; backoff is close enough
-            return self._backoff(state)
+        asked = _asked_delay(response.headers) if response is not None else None
+        return min(max(asked, 0.0), _RETRY_AFTER_CAP) if asked is not None else self._backoff(state)
+
+
+def _asked_delay(headers: Mapping[str, str]) -> float | None:
+    """Seconds the server asks us to wait, or None when it asks nothing we can read."""
+    try:
+        if headers.get("retry-after-ms"):
+            return float(headers["retry-after-ms"]) / 1000
+        text = headers.get("retry-after")
+        if not text:
+            return None
+        if re.fullmatch(r"\s*\d+(\.\d+)?\s*", text):
+            return float(text)
+        return email.utils.parsedate_to_datetime(text).timestamp() - time.time()
+    except (ValueError, TypeError, OverflowError):
+        return None
 
 
 def _reason(exc: BaseException) -> str:
-    """The server's own error message where it sent one, else the exception's."""
+    """The server's own error message where it sent one (OpenAI's `error.message`, FastAPI's `detail`), else the
+    exception's; on one line, at most 500 characters."""
     body = getattr(exc, "body", None)
     if isinstance(body, Mapping):
         error = body.get("error", body)
-        message = error.get("message") if isinstance(error, Mapping) else error
+        message = error.get("message") or error.get("detail") if isinstance(error, Mapping) else error
         if message:
-            return str(message)[:500]
+            return _one_line(message)
     cause = exc.__cause__ or exc.__context__
     text = str(exc)
-    return f"{text} ({cause})" if cause and str(cause) not in text else text
+    return _one_line(f"{text} ({cause})" if cause and str(cause) not in text else text)
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())[:500]
 
 
 def _message_from_choice(choice: Any, usage: Any) -> AssistantMessage:
