@@ -283,7 +283,8 @@ def tool(
 def unique_tool_name(raw: str, taken: set[str], fallback: str = "tool") -> str:
     """A valid tool name for `raw` (itself when valid; else runs of other characters become "_"), numbered so it
     is none of the names already `taken`. For tools that come with names of their own (MCP, OpenAPI)."""
-    name = raw if TOOL_NAME_PATTERN.match(raw) else (re.sub(r"[^a-zA-Z0-9_-]+", "_", raw).strip("_")[:64] or fallback)
+    valid = TOOL_NAME_PATTERN.fullmatch(raw)
+    name = raw if valid else (re.sub(r"[^a-zA-Z0-9_-]+", "_", raw).strip("_")[:64] or fallback)
     candidate, number = name, 2
     while candidate in taken:
         suffix = f"_{number}"
@@ -327,7 +328,7 @@ def result_to_text(value: Any) -> str:
 
 
 def _check_name(name: str, fn: object) -> None:
-    if not isinstance(name, str) or not TOOL_NAME_PATTERN.match(name):
+    if not isinstance(name, str) or not TOOL_NAME_PATTERN.fullmatch(name):
         raise ToolDefinitionError(
             f"tool name {name!r} (from {_qualname(fn)}) must match ^[a-zA-Z0-9_-]{{1,64}}$; pass name=... to rename it"
         )

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from functionary_agent._openai_messages import new_call_id
+from functionary_agent.tools import TOOL_NAME_PATTERN
 
 TEXT, NAME, ARGS, CODE, SKIP, DONE = "text", "name", "args", "code", "skip", "done"
 _END = "end"  # pseudo-target: the recipient name is complete
-_NAME_CHARS = re.compile(r"[\w.:\-]{1,64}")
-_VIABLE_NAME = re.compile(r"\s*[\w.:\-]{0,64}\s*")
+# A recipient is read as a call only when it is a tool name our clients, OpenAI and the vLLM server's request check
+# all accept (TOOL_NAME_PATTERN): a call the grammar lets through is always read back, and no other.
 _MAX_NAME_SPAN = 100
 _MAX_SKIP_SPAN = 64
 _CODE_OPEN = '{"code": "'
@@ -125,8 +126,13 @@ class _Trim:
 
 
 def _viable(candidate: str) -> bool:
-    """Could `candidate` still become a recipient name (whitespace around one short identifier)?"""
-    return len(candidate) <= _MAX_NAME_SPAN and _VIABLE_NAME.fullmatch(candidate) is not None
+    """Could `candidate` still become a recipient name (whitespace around one tool name, or nothing yet)?"""
+    name = candidate.strip()
+    return len(candidate) <= _MAX_NAME_SPAN and (not name or _is_tool_name(name))
+
+
+def _is_tool_name(name: str) -> bool:
+    return TOOL_NAME_PATTERN.fullmatch(name) is not None
 
 
 class StreamParser:
@@ -213,7 +219,7 @@ class StreamParser:
         if not _viable(candidate):
             return self._not_a_name(out)
         if index >= 0 and target == _END:
-            if not _NAME_CHARS.fullmatch(name):
+            if not _is_tool_name(name):
                 return self._not_a_name(out)
             self._pos = index + len(marker)
             self._accept_name(out, name)

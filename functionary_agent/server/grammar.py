@@ -16,7 +16,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+from functionary_agent.errors import ConfigurationError
 from functionary_agent.formats import CallGrammar, CallSpec, Format, guard_schema
+from functionary_agent.server.checks import name_problem
 
 Node = dict[str, Any]
 # A model looping on blanks inside JSON would spend its whole budget there; real arguments never need more.
@@ -33,10 +35,15 @@ def structural_tag(
     max_items: int | None = None,
     max_length: int | None = None,
 ) -> Node:
-    """The structural tag for one request (raises ConfigurationError for a tool_choice the tools cannot meet).
-    `max_calls` caps the calls in one turn; `max_items` / `max_length` bound arrays and free strings in arguments
-    where the schema sets no bound (small models otherwise write a list or a string until max_tokens cuts it)."""
+    """The structural tag for one request (raises ConfigurationError for a tool_choice the tools cannot meet, or a
+    tool name the parser would not read back as a call). `max_calls` caps the calls in one turn; `max_items` /
+    `max_length` bound arrays and free strings in arguments where the schema sets no bound (small models otherwise
+    write a list or a string until max_tokens cuts it)."""
     grammar = fmt.call_grammar(tools, tool_choice)
+    for spec in grammar.calls:
+        problem = name_problem(spec.name, fmt)
+        if problem is not None:
+            raise ConfigurationError(f"no call grammar for tool {spec.name!r}: {problem}")
     if max_items is not None or max_length is not None:
         grammar = replace(grammar, calls=tuple(_bounded(spec, max_items, max_length) for spec in grammar.calls))
     limits = [n for n in (grammar.max_calls, max_calls, None if parallel_tool_calls else 1) if n is not None]

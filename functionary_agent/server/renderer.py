@@ -15,6 +15,7 @@ from vllm.renderers.inputs.preprocess import parse_dec_only_prompt
 
 from functionary_agent.formats import Format
 from functionary_agent.server._settings import format_of_mode, plain_data, resolve_format
+from functionary_agent.server.tool_parser import check_request_tools
 
 
 class FunctionaryRenderer(HfRenderer):
@@ -30,6 +31,7 @@ class FunctionaryRenderer(HfRenderer):
         conversation = [plain_data(message) for message in messages]
         kwargs = params.chat_template_kwargs or {}
         tools = kwargs.get("tools")
+        check_request_tools(tools or (), self.format)  # vLLM renders before the parser sees the request
         # vLLM passes no tool_choice without tools; `render` treats a request without tools as "none" itself
         choice = params.tool_choice if params.tool_choice is not None else "auto"
         text = self.format.render(

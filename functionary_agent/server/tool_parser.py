@@ -5,6 +5,9 @@ grammar as a structural tag), then feeds the output: whole to `extract_tool_call
 `extract_tool_calls_streaming` and, at the end, `finish_streaming` (vLLM calls it on parsers that declare
 `engine_based_streaming`), so text our stream parser holds back (a possible marker) is never lost.
 
+Before any grammar exists, the request's tools pass `checks.check_tools` (the renderer runs it too, since vLLM
+renders the prompt first): a tool the grammar or the parser could not handle gets an HTTP 400 that names it.
+
 `supports_required_and_named = False` keeps vLLM from swapping in its own JSON-list output for tool_choice
 required / named: those outputs are in the Functionary format too, enforced by the prompt's prefix and the grammar.
 
@@ -16,6 +19,7 @@ tool_choice "none" through the parser (calls dropped, text kept).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -25,7 +29,13 @@ from vllm.sampling_params import StructuredOutputsParams
 
 from functionary_agent.formats import Format, StreamParser
 from functionary_agent.server._settings import grammar_enabled, grammar_limits, plain_data, resolve_format
+from functionary_agent.server.checks import SchemaCompiler, ToolRejected, check_tools
 from functionary_agent.server.grammar import structural_tag
+
+try:  # vLLM with its own error classes: a validation error is a 400 with OpenAI's `param`
+    from vllm.exceptions import VLLMValidationError as _ValidationError
+except ImportError:  # pragma: no cover - older vLLM, where a ValueError is a 400 too
+    _ValidationError = ValueError
 
 try:  # vLLM >= 0.30
     from vllm.tool_parsers import ToolParser
@@ -80,7 +90,9 @@ class FunctionaryToolParser(ToolParser):
         request.skip_special_tokens = False
         tools = request_tools(request)
         xargs = getattr(request, "vllm_xargs", None)
-        if not grammar_enabled(xargs) or _has_own_constraint(request):
+        constrained = grammar_enabled(xargs) and not _has_own_constraint(request)
+        check_request_tools(tools, self.format, _schema_compiler() if constrained else None)
+        if not constrained:
             return request
         tag = structural_tag(
             self.format, tools, request_tool_choice(request),
@@ -158,6 +170,38 @@ class FunctionaryToolParser(ToolParser):
             self.streamed_args_for_tool[index] += piece
             self.prev_tool_call_arr[index]["arguments"] = self.streamed_args_for_tool[index]
         return DeltaToolCall(index=index, function=DeltaFunctionCall(arguments=piece))
+
+
+class ToolRequestError(_ValidationError):
+    """A refused tool as vLLM reports it: HTTP 400, OpenAI's error body with `param`, our message unchanged."""
+
+    def __init__(self, error: ToolRejected) -> None:
+        super().__init__(str(error))
+        self.parameter: str | None = error.parameter
+        self.value: Any = None
+
+    def __str__(self) -> str:  # vLLM's own adds "(parameter=...)", which the message already names
+        return str(self.args[0])
+
+
+def check_request_tools(tools: Sequence[Any], fmt: Format, compile_schema: SchemaCompiler | None = None) -> None:
+    """`checks.check_tools` for a request vLLM is serving: a refusal becomes its 400, before any grammar exists."""
+    try:
+        check_tools(tools, fmt, compile_schema)
+    except ToolRejected as error:
+        raise ToolRequestError(error) from None
+
+
+@functools.cache
+def _schema_compiler() -> SchemaCompiler | None:
+    """xgrammar's JSON-schema compiler, the one vLLM's structural tags go through (None where it is missing): a
+    schema it cannot compile is refused by name here, rather than by vLLM's fallback backend about no tool."""
+    try:
+        import xgrammar
+    except ImportError:  # pragma: no cover - vLLM always brings it
+        return None
+    compiler: SchemaCompiler = xgrammar.Grammar.from_json_schema
+    return compiler
 
 
 def request_tools(request: Any) -> list[dict[str, Any]]:
