@@ -6,6 +6,10 @@ False, or a reason string to decline with); no callback, so the run pauses (`App
 which is such a callback. A paused run leaves the assistant message with its calls as the last message, without
 tool messages, so a saved conversation can be loaded and resumed in another process. A declined call gives the
 model `Error: the user declined this call` (and the reason); calls that need no approval run as usual.
+
+Every way of answering sees a waiting call the same way: an `approve=` predicate gets its arguments as a dict, and
+the callback, `ApprovalRequired.calls`, `ApprovalRequested.calls` and `pending_approvals` get a `PendingCall` whose
+`arguments` is that same dict and whose `raw_arguments` is the text the model wrote (what runs if it is approved).
 """
 
 from __future__ import annotations
@@ -24,8 +28,35 @@ from functionary_agent.tools import Tool, parse_arguments
 logger = logging.getLogger(__name__)
 
 Decision = bool | str  # True: run it; False or a reason: decline
-ApprovalCallback = Callable[[ToolCall], "Decision | Awaitable[Decision]"]
 DECLINED = "Error: the user declined this call"
+
+
+@dataclass(frozen=True)
+class PendingCall:
+    """A call that waits for a person's yes. `arguments` is the model's JSON object parsed, the same dict an
+    `approve=` predicate receives, so `call.arguments["path"]` works everywhere; it is empty when the model wrote
+    no JSON object, and `raw_arguments` holds the text exactly as written either way. The call runs with
+    `raw_arguments`: changing `arguments` changes nothing that runs. The messages keep OpenAI's JSON text."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any]
+    raw_arguments: str
+
+    @classmethod
+    def of(cls, call: ToolCall) -> PendingCall:
+        return cls(call.id, call.name, readable_arguments(call.arguments) or {}, call.arguments)
+
+
+ApprovalCallback = Callable[[PendingCall], "Decision | Awaitable[Decision]"]
+
+
+def readable_arguments(text: str) -> dict[str, Any] | None:
+    """The arguments as the dict a predicate and a callback see; None when they are not one JSON object."""
+    try:
+        return parse_arguments(text)
+    except Exception:  # not JSON, not an object, nested too deep: the tool itself will say so to the model
+        return None
 
 
 @dataclass
@@ -35,7 +66,7 @@ class TurnApprovals:
 
     run: list[int] = field(default_factory=list)
     declined: dict[int, str] = field(default_factory=dict)
-    waiting: list[ToolCall] = field(default_factory=list)
+    waiting: list[PendingCall] = field(default_factory=list)
 
 
 class ApprovalGate:
@@ -49,9 +80,12 @@ class ApprovalGate:
         approve = getattr(self.tools.get(call.name), "approve", False)
         if not callable(approve):
             return bool(approve)
+        arguments = readable_arguments(call.arguments)
+        if arguments is None:  # unreadable arguments: ask rather than run unchecked
+            return True
         try:
-            return bool(approve(parse_arguments(call.arguments)))
-        except Exception:  # unreadable arguments or a failing predicate: ask rather than run unchecked
+            return bool(approve(arguments))
+        except Exception:  # a failing predicate: ask rather than run unchecked
             logger.debug("approval predicate of %s failed; asking", call.name, exc_info=True)
             return True
 
@@ -61,9 +95,10 @@ class ApprovalGate:
             if not self.needs_approval(call):
                 review.run.append(index)
                 continue
-            decision = await self._decide(call, decisions)
+            pending = PendingCall.of(call)
+            decision = await self._decide(pending, decisions)
             if decision is None:
-                review.waiting.append(call)
+                review.waiting.append(pending)
             elif decision is True:
                 review.run.append(index)
             else:
@@ -71,7 +106,7 @@ class ApprovalGate:
                 review.declined[index] = f"{DECLINED}: {reason}" if reason else DECLINED
         return review
 
-    async def _decide(self, call: ToolCall, decisions: Mapping[str, Decision] | None) -> Decision | None:
+    async def _decide(self, call: PendingCall, decisions: Mapping[str, Decision] | None) -> Decision | None:
         if decisions is not None and call.id in decisions:
             return decisions[call.id]
         if self.callback is None:
@@ -121,7 +156,7 @@ def off_the_loop(callback: ApprovalCallback) -> ApprovalCallback:
     if inspect.iscoroutinefunction(callback):
         return callback
 
-    async def threaded(call: ToolCall) -> Decision:
+    async def threaded(call: PendingCall) -> Decision:
         answer = await asyncio.to_thread(callback, call)
         return await answer if inspect.isawaitable(answer) else answer
 

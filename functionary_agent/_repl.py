@@ -9,11 +9,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 
+from functionary_agent._approvals import PendingCall
 from functionary_agent._terminal import Reporter
 from functionary_agent._text import compact_json
 from functionary_agent.conversation import Conversation
 from functionary_agent.errors import FunctionaryAgentError
-from functionary_agent.models.base import ToolCall
 
 HELP = """commands:
   /tools        list the tools the model may call
@@ -23,11 +23,11 @@ HELP = """commands:
   /exit         leave (or Ctrl-D); Ctrl-C stops the current answer"""
 
 
-def terminal_approval(reporter: Reporter, read: Callable[[str], str] = input) -> Callable[[ToolCall], bool]:
+def terminal_approval(reporter: Reporter, read: Callable[[str], str] = input) -> Callable[[PendingCall], bool]:
     """The y/n question at the terminal for a call that needs a yes (the run waits meanwhile); no answer is no."""
 
-    def approve(call: ToolCall) -> bool:
-        reporter.notice(f"{call.name}({compact_json(call.arguments)}) needs your approval")
+    def approve(call: PendingCall) -> bool:
+        reporter.notice(f"{call.name}({compact_json(call.raw_arguments)}) needs your approval")
         try:
             return read("run it? [y/N] ").strip().lower() in ("y", "yes")
         except (EOFError, KeyboardInterrupt):

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from functionary_agent.models.base import ToolCall
+    from functionary_agent._approvals import PendingCall
 
 
 class FunctionaryAgentError(Exception):
@@ -41,13 +41,15 @@ class OutputValidationError(ModelError):
 
 
 class ApprovalRequired(FunctionaryAgentError):
-    """The run paused: `calls` need a person's yes. Every message is kept (the assistant message with its calls is
-    the last one); `chat.resume({call.id: True, other.id: "reason to decline"})` goes on, in this process or after
-    `save`/`load` in another."""
+    """The run paused: `calls` (`PendingCall`s: `.arguments` is a dict) need a person's yes. Every message is kept
+    (the assistant message with its calls is the last one); `chat.resume({call.id: True, other.id: "reason to
+    decline"})` goes on, in this process or after `save`/`load` in another."""
 
-    def __init__(self, calls: Sequence[ToolCall]) -> None:
+    def __init__(self, calls: Sequence[PendingCall]) -> None:
         names = ", ".join(f"{call.name} ({call.id})" for call in calls)
-        super().__init__(f"waiting for approval of {names}; answer with chat.resume({{call_id: True/False/reason}})")
+        super().__init__(
+            f"waiting for approval of {names}; answer with the conversation's resume({{call_id: True/False/reason}})"
+        )
         self.calls = list(calls)
 
 

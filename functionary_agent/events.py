@@ -7,9 +7,10 @@ concurrently, so in completion order; the messages keep the model's order); `Fin
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from functionary_agent.models.base import ToolCall
+if TYPE_CHECKING:
+    from functionary_agent._approvals import PendingCall
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class FinalAnswer:
 class ApprovalRequested:
     """The run paused: these calls need a person's yes (`Conversation.resume`); the stream ends here."""
 
-    calls: list[ToolCall]
+    calls: list[PendingCall]
 
 
 Event = TextDelta | ToolCallStarted | ToolCallArgumentsDelta | ToolResult | FinalAnswer | ApprovalRequested

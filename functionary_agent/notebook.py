@@ -18,6 +18,11 @@ never markup: in HTML it is escaped, in Markdown it is inline code (`_markdown_l
 Every display of model text, the answer shown after approval buttons included, goes through `text_bundle`,
 and every error through `error_bundle`.
 
+A run that waits for a person's yes shows as paused, not as a failure: its calls say "waiting for your approval",
+a box lists them with the line that answers them (and buttons, with `ipywidgets`), and the kernel shows the
+`ApprovalRequired` that ends the cell without a traceback (`_notebook_approvals`). The line names the conversation
+by the notebook's own variable, or is `resume({...})` from this module, which finds it by call id.
+
 IPython is imported only when something is displayed, so plain Python never loads it or needs it.
 """
 
@@ -56,7 +61,6 @@ from functionary_agent.events import (
     ToolCallStarted,
     ToolResult,
 )
-from functionary_agent.models.base import ToolCall
 
 if TYPE_CHECKING:
     from markdown_it import MarkdownIt
@@ -65,6 +69,7 @@ if TYPE_CHECKING:
     from markdown_it.token import Token
     from markdown_it.utils import OptionsDict
 
+    from functionary_agent._approvals import Decision, PendingCall
     from functionary_agent.conversation import Content, Conversation
 
 logger = logging.getLogger(__name__)
@@ -107,6 +112,8 @@ _STATES = {
     "repeated": ("↺", "same call as before: earlier result reused", "#757575"),
     "cancelled": ("⏹", "cancelled", "#ef6c00"),
     "unanswered": ("…", "no result", "#757575"),
+    "waiting": ("⏸", "waiting for your approval", "#b26a00"),
+    "paused": ("⏸", "not run yet: runs when the run resumes", "#757575"),
 }
 _ROLE_LABELS = {"system": "System", "user": "You", "assistant": "Assistant"}
 _BOX = "margin:4px 0;padding:2px 8px;border-left:3px solid {colour};background:rgba(127,127,127,0.06)"
@@ -756,8 +763,10 @@ class LiveDisplay:
 
     def __init__(self, *, resolve_image: ImageResolver | None = None, show: Show | None = None,
                  min_interval: float = 0.1, clock: Callable[[], float] = time.monotonic,
-                 ask: Callable[[list[ToolCall]], Any] | None = None) -> None:
+                 ask: Callable[[list[PendingCall]], Any] | None = None,
+                 resume_line: Callable[[Sequence[PendingCall]], str] | None = None) -> None:
         self._ask = ask  # shows the buttons for calls that wait for approval (None: the resume line only)
+        self._resume_line = resume_line  # the line that answers them (None: the one for any variable name)
         self._show = show or _ipython_show
         self._resolve = resolve_image
         self._interval = min_interval
@@ -802,9 +811,13 @@ class LiveDisplay:
             output.flush()
 
     def fail(self, error: BaseException) -> None:
-        """Mark the run as stopped: calls still running are cancelled, and a red box says what ended it (a pause
-        for approval has its own box already)."""
+        """Mark the run as stopped: calls still running are cancelled, and a red box says what ended it. A pause
+        for approval is no failure: it gets the approval box (if the run's events did not show it already)."""
         if isinstance(error, ApprovalRequired):
+            from functionary_agent._notebook_approvals import was_shown
+
+            if not was_shown(error):
+                self._show_pause(error)
             self.finish()
             return
         for live in self._calls:
@@ -826,15 +839,30 @@ class LiveDisplay:
         else:
             self._text.set(functools.partial(text_bundle, self._text_value, self._resolve))
 
-    def _on_approval(self, calls: list[ToolCall]) -> None:
+    def _on_approval(self, calls: list[PendingCall]) -> None:
         """The run paused: show what waits and how to answer, then end the run the way `submit` does."""
-        from functionary_agent._notebook_approvals import pending_bundle
+        paused = ApprovalRequired(calls)
+        self._show_pause(paused)
+        raise paused
 
-        self._new_output(pending_bundle(calls, with_buttons=self._ask is not None))
+    def _show_pause(self, paused: ApprovalRequired) -> None:
+        """The turn's calls stop showing as running (those that wait say so, the others run on resume), then
+        the box with the waiting calls and the line (or buttons) that answers them."""
+        from functionary_agent._notebook_approvals import mark_shown, pending_bundle, resume_line
+
+        waiting = {call.id for call in paused.calls}
+        names = {call.name for call in paused.calls}
+        for live in self._calls:
+            if live.call.state == "running":
+                asked = live.id in waiting if live.id else live.call.name in names
+                live.call.state = "waiting" if asked else "paused"
+                live.refresh(now=True)
+        line = self._resume_line(paused.calls) if self._resume_line else resume_line(None, paused.calls, {})
+        self._new_output(pending_bundle(paused.calls, with_buttons=self._ask is not None, resume_line=line))
         self.finish()
         if self._ask is not None:
-            self._ask(calls)
-        raise ApprovalRequired(calls)
+            self._ask(paused.calls)
+        mark_shown(paused)
 
     def _on_call_started(self, event: ToolCallStarted) -> None:
         self._close_text()
@@ -916,16 +944,25 @@ def _live_display(chat: Conversation) -> LiveDisplay:
     if _shell() is None:
         logger.warning("no IPython shell is running: the run is not displayed")
         return LiveDisplay(show=_no_show)
-    from functionary_agent._notebook_approvals import approval_panel, widgets_available
+    from functionary_agent._notebook_approvals import approval_panel, resume_line, widgets_available
 
     ask = None
     if widgets_available():
-        def ask(calls: list[ToolCall]) -> None:
+        def ask(calls: list[PendingCall]) -> None:
             from IPython.display import display
 
             display(approval_panel(chat, calls))
 
-    return LiveDisplay(resolve_image=image_resolver(chat), ask=ask)
+    def line(calls: Sequence[PendingCall]) -> str:
+        return resume_line(chat, calls, notebook_namespace())
+
+    return LiveDisplay(resolve_image=image_resolver(chat), ask=ask, resume_line=line)
+
+
+def notebook_namespace() -> Mapping[str, Any]:
+    """The notebook's global names (empty outside IPython)."""
+    namespace = getattr(_shell(), "user_ns", None)
+    return namespace if isinstance(namespace, Mapping) else {}
 
 
 def _shown(answer: str) -> str:
@@ -936,12 +973,18 @@ def _shown(answer: str) -> str:
 
 @contextlib.contextmanager
 def _displayed_run(chat: Conversation) -> Iterator[LiveDisplay]:
-    """The live display of one run: the caller feeds it the run's events; a failure is shown, then raised."""
+    """The live display of one run: the caller feeds it the run's events; a failure is shown, then raised (a
+    pause too, which the kernel then shows as no traceback: see `_notebook_approvals`)."""
+    from functionary_agent._notebook_approvals import install_pause_display, remember
+
+    install_pause_display(_shell())
     live = _live_display(chat)
     try:
         yield live
     except BaseException as exc:
         live.fail(exc)
+        if isinstance(exc, ApprovalRequired):
+            remember(chat, exc.calls)
         raise
     live.finish()
 
@@ -960,3 +1003,28 @@ async def asubmit_with_display(chat: Conversation, content: Content = None) -> s
         async for event in chat.astream(content):
             live.handle(event)
     return _shown(live.answer)
+
+
+def resume(decisions: Mapping[str, Decision]) -> Any:
+    """Answer a run shown paused in this notebook, whatever holds its conversation: `resume({call_id: True})`
+    (False or a reason string declines) finds the conversation that waits on those calls and resumes it, as
+    `Conversation.resume` does. The pause box offers this line when no global name refers to the conversation."""
+    from functionary_agent._notebook_approvals import remember, waiting_conversation
+
+    chat = waiting_conversation(decisions, notebook_namespace())
+    try:
+        return chat.resume(decisions)
+    except ApprovalRequired as paused:  # it paused again: the next box offers this line again
+        remember(chat, paused.calls)
+        raise
+
+
+def _install_at_import() -> None:
+    """In a kernel, a pause shows as a pause from the first `submit`, typed ones (not displayed live) included."""
+    if in_notebook():
+        from functionary_agent._notebook_approvals import install_pause_display
+
+        install_pause_display(_shell())
+
+
+_install_at_import()
