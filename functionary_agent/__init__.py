@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
+from functionary_agent._approvals import PendingCall
 from functionary_agent.conversation import Conversation
 from functionary_agent.errors import (
     ApprovalRequired,
@@ -27,6 +29,8 @@ if TYPE_CHECKING:
     from functionary_agent.models.embedded import EmbeddedModel
     from functionary_agent.models.openai_compatible import OpenAICompatibleModel
 
+    __version__: str
+
 __all__ = [
     "ApprovalRequired",
     "AssistantMessage",
@@ -43,6 +47,7 @@ __all__ = [
     "ModelError",
     "OpenAICompatibleModel",
     "OutputValidationError",
+    "PendingCall",
     "RunContext",
     "Tool",
     "ToolCall",
@@ -54,8 +59,22 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__version__":  # read from the installed package's metadata when asked, not at every import
+        return _package_version()
     if name in ("OpenAICompatibleModel", "EmbeddedModel"):  # heavy engines load when first used
         from functionary_agent import models
 
         return getattr(models, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@functools.cache
+def _package_version() -> str:
+    """The installed distribution's version (pyproject.toml is its one source); "0+unknown" in a source tree that
+    was never installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("functionary-agent")
+    except PackageNotFoundError:
+        return "0+unknown"

@@ -2,9 +2,10 @@
 (a JSONL file of questions, many at once, see `functionary_agent.batch`) and `functionary-agent serve` (vLLM's
 server with our plugin, see `functionary_agent.server.cli`).
 
-Exit status: 0 with an answer, 2 for a usage error (bad flags, a tools file that cannot be loaded, bad batch input),
-1 when the model or its server fails (for `batch`: when some items failed), or anything else goes wrong; 130 after
-Ctrl-C. Errors are one line on stderr, never a traceback, unless `--debug` asks for one.
+Exit status: 0 with an answer, 2 for a usage error (bad flags or flag values, a model that is no GGUF file here
+and no server, a tools file that cannot be loaded, bad batch input), 1 when the model or its server fails (for
+`batch`: when some items failed), or anything else goes wrong; 130 after Ctrl-C. Errors are one line on stderr,
+never a traceback, unless `--debug` asks for one; argparse's own errors too (`PROG: error: ...`, no usage block).
 """
 
 from __future__ import annotations
@@ -13,18 +14,20 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shlex
 import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from functionary_agent._terminal import Reporter, json_for_terminal, show_library_warnings
 from functionary_agent._text import visible_controls
 from functionary_agent._tool_files import load_tools
 from functionary_agent.conversation import Conversation
-from functionary_agent.errors import ConfigurationError, FunctionaryAgentError, ToolDefinitionError
-from functionary_agent.models import embedded_model
+from functionary_agent.errors import ConfigurationError, FormatError, FunctionaryAgentError, ToolDefinitionError
+from functionary_agent.models import ChatModel, check_model_choice, resolve_model
 from functionary_agent.server.cli import add_serve_parser
 
 if TYPE_CHECKING:
@@ -37,8 +40,37 @@ class _UsageError(Exception):
     """A mistake in the command line; exit status 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line and no usage block: `PROG: error: MESSAGE (see PROG --help)`, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        _exit_usage(self.prog, message)
+
+
+class _PrintVersion(argparse.Action):
+    """`--version`: `functionary-agent X.Y.Z`, the installed package's version (read only when asked)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> NoReturn:
+        import functionary_agent
+
+        print(f"functionary-agent {functionary_agent.__version__}")
+        parser.exit(EXIT_OK)
+
+
+def _exit_usage(prog: str, message: str) -> NoReturn:
+    print(f"{prog}: error: {visible_controls(message)} (see {prog} --help)", file=sys.stderr)
+    raise SystemExit(EXIT_USAGE)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args, extras = _parser().parse_known_args(argv)  # `serve` keeps the flags it does not know, for vLLM
+    if extras:
+        words = [getattr(args, "prompt", ""), *extras]  # `run tools.py "question"` forgot --tools too
+        _exit_usage(f"functionary-agent {args.command}", f"unrecognized arguments: {shlex.join(extras)}"
+                    f"{_python_file_hint(words)}")
     debug = bool(getattr(args, "debug", False))  # `serve` has no --debug
     try:
         return int(args.handler(args))
@@ -55,7 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="functionary-agent", description="Agents with automatic tool execution.")
+    parser = _Parser(prog="functionary-agent", description="Agents with automatic tool execution.")
+    parser.add_argument("--version", action=_PrintVersion, help="print the version and exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser("run", help="answer one prompt, calling the given tools")
     run.add_argument("prompt", help="the user's message")
@@ -111,35 +144,68 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                         "repeatable")
     parser.add_argument("--base-url", default=os.environ.get("FUNCTIONARY_BASE_URL"),
                         help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (default: $FUNCTIONARY_BASE_URL)")
-    parser.add_argument("--model", default=os.environ.get("FUNCTIONARY_MODEL"),
+    parser.add_argument("--model", default=None,  # $FUNCTIONARY_MODEL names a server's model: read only with one
                         help="with --base-url: the model name on the server (default: $FUNCTIONARY_MODEL, else the "
                         "server's first model); without: a GGUF file for the embedded engine (default: the bundled "
                         "SmolLM2-135M-Instruct)")
-    parser.add_argument("--format", help="prompt format of a GGUF model (v3.2, v3.1, v2, v2.5, chatml-v3); "
-                        "default: detected from the file")
+    parser.add_argument("--format", type=_format_name,
+                        help="prompt format of a GGUF model (v3.2, v3.1, v2, v2.5, chatml-v3); default: detected from "
+                        "the file")
     parser.add_argument("--system", help="system message")
-    parser.add_argument("--max-turns", type=int, default=10, help="model turns per question (default: 10)")
+    parser.add_argument("--max-turns", type=_positive_int, default=10, help="model turns per question (default: 10)")
     parser.add_argument("--debug", action="store_true", help="on an error, print the full traceback too")
 
 
+def _format_name(text: str) -> str:
+    """--format: a prompt format name (or alias) the embedded engine knows."""
+    from functionary_agent.formats import get_format  # loaded only when --format is given
+
+    try:
+        get_format(text)
+    except FormatError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _python_file_hint(words: Sequence[str]) -> str:
+    """A hint for a tools file given without --tools: the first word that is the path of a Python file."""
+    for word in words:
+        if word.endswith(".py") and _is_file(word):
+            return f"; did you mean --tools {shlex.quote(word)}?"
+    return ""
+
+
+def _is_file(text: str) -> bool:
+    try:
+        return Path(text).expanduser().is_file()
+    except (OSError, ValueError):  # a name too long for a file, a NUL in it: a sentence, not a path
+        return False
+
+
 def _conversation(args: argparse.Namespace) -> Conversation:
-    """The conversation the flags describe; tool files that cannot be loaded are usage errors."""
+    """The conversation the flags describe; a model or format that cannot work and tool files that cannot be
+    loaded are usage errors."""
     show_library_warnings()  # an MCP server's or OpenAPI document's words in a warning: shown, not obeyed
+    try:
+        check_model_choice(args.model, base_url=args.base_url, format=args.format)  # as Conversation and batch
+    except ConfigurationError as exc:
+        raise _UsageError(str(exc)) from None
     try:
         tools = [tool for spec in args.tools for tool in load_tools(spec)]
     except (ConfigurationError, ToolDefinitionError) as exc:
         raise _UsageError(f"cannot load tools: {exc}") from None
-    if args.base_url and args.format:
-        raise _UsageError("--format applies to a GGUF model run in-process, not to a server (--base-url)")
-    model = args.model if args.base_url else embedded_model(args.model, args.format)
+    model: ChatModel | str | None = args.model
+    if args.format:  # Conversation has no format argument; the embedded engine it picks is shared, never owned
+        model, _ = resolve_model(args.model, format=args.format)
     try:
         return Conversation(model, base_url=args.base_url, system=args.system, tools=tools,
                             max_turns=args.max_turns, code_interpreter=args.code_interpreter)
-    except ToolDefinitionError as exc:  # e.g. two files defining the same tool name
+    except (ConfigurationError, ToolDefinitionError) as exc:  # a --base-url that cannot work, a tool name twice
         raise _UsageError(str(exc)) from None
 
 
 def _run(args: argparse.Namespace) -> int:
+    _check_prompt(args.prompt)
     reporter = Reporter(sys.stdout, quiet=args.json, live=sys.stdout.isatty())
     with _conversation(args) as chat:
         if sys.stdin.isatty():  # calls that need a yes are asked about; elsewhere the run stops with an error
@@ -155,6 +221,16 @@ def _run(args: argparse.Namespace) -> int:
         elif sys.stdout.isatty():
             reporter.notice(chat.last_usage.summary())
     return EXIT_OK
+
+
+def _check_prompt(prompt: str) -> None:
+    """Refuse a prompt that is only the path of a Python file: `run tools.py` means a forgotten --tools (or a
+    belief that `run` runs a script); there is no question to answer, and a model would answer the path."""
+    if _python_file_hint([prompt.strip()]):
+        raise _UsageError(
+            f"the prompt {prompt!r} is the path of a Python file, not a question; did you mean: functionary-agent "
+            f"run --tools {shlex.quote(prompt.strip())} \"YOUR QUESTION\"?"
+        )
 
 
 def _chat(args: argparse.Namespace) -> int:
@@ -198,15 +274,15 @@ def _batch(args: argparse.Namespace) -> int:
 
 def _batch_plan(args: argparse.Namespace) -> tuple[list[BatchItem], BatchSettings]:
     """The items and the settings, both checked before anything runs or is written: problems are usage errors."""
-    from functionary_agent.batch import BatchSettings, check_batch, read_items
+    from functionary_agent.batch import BatchSettings, read_items, refuse_output_as_input
 
     settings = BatchSettings(
         tools=tuple(args.tools), base_url=args.base_url, model=args.model, format=args.format, system=args.system,
         max_turns=args.max_turns, api_key=os.environ.get("FUNCTIONARY_API_KEY"),
     )
     try:
-        items = read_items(args.input)
-        check_batch(items, settings, source=args.input, where="line")
+        refuse_output_as_input(args.input, args.output)
+        items = read_items(args.input, conversation=settings)  # every problem of every line, output types too
     except (ConfigurationError, ToolDefinitionError) as exc:
         raise _UsageError(str(exc) if isinstance(exc, ConfigurationError) else f"cannot load tools: {exc}") from None
     return items, settings

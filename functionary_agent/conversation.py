@@ -17,6 +17,7 @@ from functionary_agent._approvals import (
     ApprovalCallback,
     ApprovalGate,
     Decision,
+    PendingCall,
     check_decisions,
     off_the_loop,
     pending_calls,
@@ -45,7 +46,7 @@ from functionary_agent.events import (
     ToolCallStarted,
     ToolResult,
 )
-from functionary_agent.models import embedded_model
+from functionary_agent.models import resolve_model
 from functionary_agent.models.base import AssistantMessage, ChatModel, ToolCall, ToolChoice, stream_call_index
 from functionary_agent.run_context import RunContext
 from functionary_agent.tools import Approval, Tool, check_result_limit
@@ -94,7 +95,7 @@ class Conversation:
         **settings: Any,
     ) -> None:
         _check_run_controls(max_turns, max_concurrency, limits, context_window, history, output_retries)
-        self.model, self._owns_model = _resolve_model(model, base_url, api_key)  # close only what we created
+        self.model, self._owns_model = resolve_model(model, base_url=base_url, api_key=api_key)  # close what we made
         self.limits = limits or Limits()
         self.max_result_chars = check_result_limit(max_result_chars, "max_result_chars")
         self.trace_content = trace_content
@@ -282,9 +283,9 @@ class Conversation:
         self._gate.callback = off_the_loop(callback) if callback is not None else None
 
     @property
-    def pending_approvals(self) -> list[ToolCall]:
+    def pending_approvals(self) -> list[PendingCall]:
         """The calls a paused run waits on (empty when none waits)."""
-        return [call for call in pending_calls(self.messages) if self._gate.needs_approval(call)]
+        return [PendingCall.of(call) for call in pending_calls(self.messages) if self._gate.needs_approval(call)]
 
     @staticmethod
     async def _final(events: AsyncIterator[Event], *, typed: bool) -> Any:
@@ -364,8 +365,8 @@ class Conversation:
         """A new run starts its usage afresh (a resumed one keeps counting) and may not leave calls unanswered."""
         if not resuming:
             waiting = pending_calls(self.messages)
-            if waiting:
-                raise ApprovalRequired(waiting)
+            if waiting:  # those that need a yes (all, if none does: a run cut short, say)
+                raise ApprovalRequired(self.pending_approvals or [PendingCall.of(call) for call in waiting])
             self._past_usage, self.last_usage = self.usage, Usage()
             self._run_start = len(self.messages)
         if content is not None:
@@ -628,25 +629,3 @@ def _integration(module: str, extra: str) -> Any:
         return importlib.import_module(f"functionary_agent.integrations.{module}")
     except ImportError as exc:
         raise ConfigurationError(f"{exc}; install it with: pip install 'functionary-agent[{extra}]'") from None
-
-
-def _resolve_model(model: ChatModel | str | None, base_url: str | None, api_key: str | None) -> tuple[ChatModel, bool]:
-    """The model, and whether this conversation owns it: a ChatModel as given; a server's model when a base URL
-    is set; otherwise the process-wide embedded engine (the bundled SmolLM2, or the GGUF file `model` names)."""
-    if isinstance(model, ChatModel):
-        if base_url or api_key:
-            raise ConfigurationError("base_url and api_key configure a remote model; pass them to its constructor")
-        return model, False
-    if model is not None and not isinstance(model, str):
-        raise ConfigurationError(f"model must be a ChatModel, a model name or a GGUF path, got {type(model).__name__}")
-    base_url = base_url or os.environ.get("FUNCTIONARY_BASE_URL")
-    if base_url:
-        from functionary_agent.models.openai_compatible import OpenAICompatibleModel  # openai is slow to import
-
-        return OpenAICompatibleModel(model, base_url=base_url, api_key=api_key), True
-    if model is not None and not (model.endswith(".gguf") or os.path.isfile(model)):
-        raise ConfigurationError(
-            f"model {model!r} is not a GGUF file; to use a model on a server pass base_url='http://HOST:PORT/v1' "
-            "(or set FUNCTIONARY_BASE_URL)"
-        )
-    return embedded_model(model), False  # shared by every conversation of the process

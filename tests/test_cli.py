@@ -63,8 +63,10 @@ def test_run_json_prints_the_messages() -> None:
 
 def test_a_missing_gguf_file_or_a_misplaced_format_are_clear_errors() -> None:
     done = cli("run", "hello", "--model", "no/such/model.gguf")
-    assert done.returncode == 1
-    assert done.stderr == f"functionary-agent: error: no GGUF model file at {ROOT / 'no/such/model.gguf'}\n"
+    assert done.returncode == 2  # a --model that names no file is a usage error (issue 24)
+    assert done.stderr == (
+        f"functionary-agent: error: no GGUF model file at {ROOT / 'no/such/model.gguf'}; check the path\n"
+    )
     done = cli("run", "hello", "--base-url", "http://127.0.0.1:9/v1", "--format", "v3.2")
     assert done.returncode == 2 and "--format applies to a GGUF model" in done.stderr
 
