@@ -25,10 +25,12 @@ _SOURCE_DIGEST = "__functionary_source_sha1__"
 ANSWER_TYPE_KINDS = "pydantic model, dataclass, TypedDict, NamedTuple or Enum"  # the classes items may answer in
 
 
-def load_tools(spec: str) -> list[Tool]:
+def load_tools(spec: str, *, types_file_ok: bool = False) -> list[Tool]:
     """The tools of a file or module: those marked `@tool` if any are, else its public functions.
 
-    Only functions defined in the module itself count, so `from x import helper` does not leak tools.
+    Only functions defined in the module itself count, so `from x import helper` does not leak tools. With
+    `types_file_ok`, a file or module that defines no functions but defines classes to answer in
+    (`answer_type_names`) gives no tools instead of an error: a batch's file of output types.
     """
     module = _import(spec)
     marked = [value for value in vars(module).values() if isinstance(value, Tool)]
@@ -40,8 +42,20 @@ def load_tools(spec: str) -> list[Tool]:
         if inspect.isfunction(value) and not name.startswith("_") and value.__module__ == module.__name__
     ]
     if not functions:
+        if types_file_ok and _answer_types(module):
+            return []
         raise ToolDefinitionError(f"{spec} defines no public functions and no @tool functions")
     return [Tool.from_function(fn) for fn in functions]
+
+
+def answer_type_names(spec: str) -> list[str]:
+    """The public classes to answer in (a pydantic model, a dataclass, ...) that a tools file or module defines."""
+    return _answer_types(_import(spec))
+
+
+def _answer_types(module: ModuleType) -> list[str]:
+    return [name for name, value in vars(module).items()
+            if not name.startswith("_") and _not_an_answer_type(value, module.__name__) is None]
 
 
 def find_answer_type(specs: Iterable[str], name: str) -> type:

@@ -11,8 +11,10 @@ both; `tool_choice` is optional (for the item's first model turn, as `Conversati
 (optional) names a class defined (not imported) in one of the tools files or modules (a pydantic model, a
 dataclass, a TypedDict, a NamedTuple or an Enum) or one of `str`, `int`, `float`, `bool`, and nothing else (never
 a function: pydantic would call it with the model's answer): the item is answered as a typed answer
-(`submit(output_type=...)`) and `answer` is that value as JSON. Any bad item refuses the whole run
-(`BatchInputError`, listing the problems with their line numbers) before anything is written or sent.
+(`submit(output_type=...)`) and `answer` is that value as JSON; a tools file may define only such types (no
+tools) when items name them. Any bad item refuses the whole run before anything is written or sent, with one
+`BatchInputError` that lists every problem of every line (its shape, a duplicate id, an output_type that names no
+type) with its line number.
 
 Output, one JSON object a line per item, in the order items finish:
 
@@ -21,6 +23,9 @@ Output, one JSON object a line per item, in the order items finish:
 `error` is null for an answer; for a failed item (the server failed, the run hit `max_turns`, ...) it is
 `{"type", "message"}` and `answer` is null. A failed item never stops the batch; faults the model can fix (a tool
 that raised, bad arguments) are not failures, the model reads them as tool messages as usual.
+
+The output is never the input file (`refuse_output_as_input` compares the files, not their names; an output
+whose lines are input items is refused too).
 
 Resume: with an output file that exists, ids answered there are skipped and new lines are appended; ids that
 *failed* there are tried again (their old lines are removed first), so a finished file holds each id once. One
@@ -46,7 +51,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -55,10 +60,10 @@ from typing import Any, TextIO
 from functionary_agent import _sync
 from functionary_agent._answers import TypedAnswer
 from functionary_agent._saved import schema_problem, structure_problem
-from functionary_agent._tool_files import find_answer_type, load_tools
+from functionary_agent._tool_files import answer_type_names, find_answer_type, load_tools
 from functionary_agent.conversation import Conversation
 from functionary_agent.errors import ConfigurationError, ToolDefinitionError
-from functionary_agent.models import embedded_model
+from functionary_agent.models import check_model_choice, resolve_model
 from functionary_agent.models.base import ChatModel, ToolChoice
 from functionary_agent.tools import Tool
 
@@ -76,13 +81,15 @@ _BUILTIN_TYPES: dict[str, type] = {"str": str, "int": int, "float": float, "bool
 
 
 class BatchInputError(ConfigurationError):
-    """The batch input has bad items; `problems` lists every one (`line N: ...`), the message the first 20."""
+    """The batch input has bad items; `problems` lists every problem (`line N: ...`, a line may have several),
+    the message the first 20; `bad_items` counts the items they are on (by default one each)."""
 
-    def __init__(self, source: str, problems: list[str]) -> None:
+    def __init__(self, source: str, problems: list[str], *, bad_items: int | None = None) -> None:
         shown = "\n".join(f"  {problem}" for problem in problems[:MAX_PROBLEMS_SHOWN])
         more = len(problems) - MAX_PROBLEMS_SHOWN
+        bad = len(problems) if bad_items is None else bad_items
         super().__init__(
-            f"{source}: {len(problems)} bad item{'s' if len(problems) != 1 else ''}, nothing was run:\n{shown}"
+            f"{source}: {bad} bad item{'s' if bad != 1 else ''}, nothing was run:\n{shown}"
             + (f"\n  ... and {more} more" if more > 0 else "")
         )
         self.problems = problems
@@ -118,10 +125,17 @@ class BatchSummary:
 
 
 # -- input ---------------------------------------------------------------------------------------------------
-def read_items(path: str | os.PathLike[str]) -> list[BatchItem]:
-    """The items of a JSONL file; `BatchInputError` lists every bad line (not JSON or nested too deep, no id,
-    duplicate id, neither or both of prompt and messages, messages not in OpenAI chat shape, a bad tool_choice),
-    `ConfigurationError` when the file cannot be read."""
+Problem = tuple[int | None, str]  # (line or item number, what is wrong there)
+Named = tuple[int | None, str | None, Any]  # (line or item number, the id as JSON text, the output_type it names)
+
+
+def read_items(
+    path: str | os.PathLike[str], *, conversation: BatchSettings | ConversationFactory | None = None
+) -> list[BatchItem]:
+    """The items of a JSONL file; `BatchInputError` lists every problem of every line at once (not JSON or nested
+    too deep, no id, duplicate id, neither or both of prompt and messages, messages not in OpenAI chat shape, a bad
+    tool_choice, and with `conversation` an output_type that names no type), `ConfigurationError` when the file
+    cannot be read or the settings cannot work (`BatchSettings.check`)."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
@@ -129,68 +143,128 @@ def read_items(path: str | os.PathLike[str]) -> list[BatchItem]:
     except UnicodeDecodeError as exc:
         raise ConfigurationError(f"batch input {path} is not UTF-8 text: {exc}") from None
     rows: list[tuple[int, object]] = []
-    problems: list[str] = []
+    problems: list[Problem] = []
     for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         too_big = structure_problem(line)  # before json.loads can recurse
         if too_big is not None:
-            problems.append(f"line {number}: {too_big}")
+            problems.append((number, too_big))
             continue
         try:
             rows.append((number, json.loads(line)))
         except json.JSONDecodeError as exc:
-            problems.append(f"line {number}: not JSON ({exc.msg} at column {exc.colno})")
-    return _checked(rows, problems, str(path), "line")
+            problems.append((number, f"not JSON ({exc.msg} at column {exc.colno})"))
+    return _checked(rows, problems, str(path), "line", conversation)
 
 
-def check_items(items: Iterable[BatchItem | Mapping[str, Any]]) -> list[BatchItem]:
+def check_items(
+    items: Iterable[BatchItem | Mapping[str, Any]], *, conversation: BatchSettings | ConversationFactory | None = None
+) -> list[BatchItem]:
     """Items given in Python (dicts as in the input file, or `BatchItem`s), checked as `read_items` checks lines;
     problems name the item's position (`item 3`)."""
-    return _checked(list(enumerate(items, 1)), [], "batch items", "item")
+    return _checked(list(enumerate(items, 1)), [], "batch items", "item", conversation)
 
 
-def _checked(rows: list[tuple[int, object]], problems: list[str], source: str, where: str) -> list[BatchItem]:
+def refuse_output_as_input(input_path: str | os.PathLike[str], output_path: str | os.PathLike[str]) -> None:
+    """`ConfigurationError` when the output names the input file, by any name (a link, another path): the run
+    would read its own items as answered results. Compared by file identity, not by name."""
+    try:
+        same = os.path.samefile(input_path, output_path)
+    except OSError:  # one of them does not exist (yet): not the same file
+        return
+    if same:
+        suggestion = Path(input_path).with_name(Path(input_path).stem + ".answers.jsonl")
+        alias = "" if str(output_path) == str(input_path) else f" (the same file as {input_path})"
+        raise ConfigurationError(
+            f"--output {output_path} is the batch input{alias}; give the results a file of their own, e.g. "
+            f"--output {suggestion}"
+        )
+
+
+def _checked(
+    rows: list[tuple[int, object]], problems: list[Problem], source: str, where: str,
+    conversation: BatchSettings | ConversationFactory | None,
+) -> list[BatchItem]:
+    """The rows' items, or one `BatchInputError` with every problem of every row: its shape, a duplicate id and,
+    with `conversation`, the output_type it names (bad rows' names too)."""
     items: list[BatchItem] = []
+    named: list[Named] = []
     first_seen: dict[str, int] = {}
     for number, data in rows:
-        item = data if isinstance(data, BatchItem) else _item(data, number)
-        if isinstance(item, str):
-            problems.append(f"{where} {number}: {item}")
-            continue
-        if item.key in first_seen:
-            problems.append(f"{where} {number}: duplicate id {item.key} (first at {where} {first_seen[item.key]})")
-            continue
-        first_seen[item.key] = number
-        items.append(item)
+        item, found = (data, []) if isinstance(data, BatchItem) else _item(data, number)
+        key = _id_key(data)
+        if key is not None and key in first_seen:
+            found.insert(0, f"duplicate id {key} (first at {where} {first_seen[key]})")
+        elif key is not None:
+            first_seen[key] = number
+        problems += [(number, problem) for problem in found]
+        output_type = _named_output_type(data)
+        if output_type is not None:
+            named.append((number, key, output_type))
+        if item is not None and not found:
+            items.append(item)
+    if conversation is not None:
+        problems += _output_type_problems(named, _checked_tools(conversation, named), where)[1]
     if problems:
-        problems.sort(key=lambda problem: int(problem.split(":")[0].split()[-1]))
-        raise BatchInputError(source, problems)
+        raise BatchInputError(source, _numbered(problems, where), bad_items=_bad_items(problems))
     return items
 
 
-def _item(data: object, line: int) -> BatchItem | str:
-    """The item `data` describes, or what is wrong with it."""
+def _numbered(problems: list[Problem], where: str) -> list[str]:
+    """`line N: ...` for each problem, in line order (a line's own problems in the order found)."""
+    ordered = sorted(problems, key=lambda problem: -1 if problem[0] is None else problem[0])
+    return [text if number is None else f"{where} {number}: {text}" for number, text in ordered]
+
+
+def _bad_items(problems: list[Problem]) -> int:
+    return len({number for number, _ in problems if number is not None}) + sum(n is None for n, _ in problems)
+
+
+def _id_key(data: object) -> str | None:
+    if isinstance(data, BatchItem):
+        return data.key
+    if not isinstance(data, dict) or _id_problem(data) is not None:
+        return None
+    return json.dumps(data["id"])
+
+
+def _named_output_type(data: object) -> Any:
+    """The output_type a row asks for, when it has the shape of one (its shape is a problem of its own)."""
+    output_type = data.output_type if isinstance(data, BatchItem) else (
+        data.get("output_type") if isinstance(data, dict) else None)
+    return output_type if _output_type_problem(output_type) is None else None
+
+
+def _item(data: object, line: int) -> tuple[BatchItem | None, list[str]]:
+    """The item `data` describes, or every problem it has."""
     if not isinstance(data, dict):
-        return f"expected a JSON object, got {type(data).__name__}"
+        return None, [f"expected a JSON object, got {type(data).__name__}"]
+    id_problem = _id_problem(data)
+    label = "" if id_problem else f"id {json.dumps(data['id'])}: "
+    checks = (_content_problem(data), _tool_choice_problem(data.get("tool_choice")),
+              _output_type_problem(data.get("output_type")))
+    problems = ([id_problem] if id_problem else []) + [label + problem for problem in checks if problem]
+    if problems:
+        return None, problems
+    messages = [dict(message) for message in data["messages"]] if "messages" in data else None
+    return BatchItem(data["id"], data.get("prompt"), messages, data.get("tool_choice"), line,
+                     data.get("output_type")), []
+
+
+def _id_problem(data: dict[str, Any]) -> str | None:
     if "id" not in data:
         return 'no "id"'
     item_id = data["id"]
     if isinstance(item_id, bool) or not isinstance(item_id, (str, int)):
         return f'"id" must be a string or an integer, got {json.dumps(item_id)}'
-    if ("prompt" in data) == ("messages" in data):
-        both = "prompt" in data
-        return f'id {json.dumps(item_id)}: ' + ('has both "prompt" and "messages"; give one' if both
-                                                else 'needs "prompt" (text) or "messages" (a list)')
-    problem = (_content_problem(data) or _tool_choice_problem(data.get("tool_choice"))
-               or _output_type_problem(data.get("output_type")))
-    if problem:
-        return f"id {json.dumps(item_id)}: {problem}"
-    messages = [dict(message) for message in data["messages"]] if "messages" in data else None
-    return BatchItem(item_id, data.get("prompt"), messages, data.get("tool_choice"), line, data.get("output_type"))
+    return None
 
 
 def _content_problem(data: dict[str, Any]) -> str | None:
+    if ("prompt" in data) == ("messages" in data):
+        both = "prompt" in data
+        return 'has both "prompt" and "messages"; give one' if both else 'needs "prompt" (text) or "messages" (a list)'
     if "prompt" in data:
         prompt = data["prompt"]
         return None if isinstance(prompt, str) and prompt.strip() else '"prompt" must be non-empty text'
@@ -225,23 +299,11 @@ def resolve_output_types(
     """The types the items name as `output_type`: classes defined (not imported) in the tools files or modules,
     then str, int, float and bool. A name found nowhere, bound to anything else (a function, an imported class, a
     value) or to a type with no JSON schema, and a Python `output_type` that is no type, is a `BatchInputError`
-    that names the first item asking for it."""
-    tools = tuple(tools)
-    found: dict[str, Any] = {}
-    problems: list[str] = []
-    for item in items:
-        name = item.output_type
-        try:
-            if isinstance(name, str) and name not in found:
-                found[name] = None  # one problem per name, at the first item asking for it
-                found[name] = _output_type(name, tools)
-            elif name is not None and not isinstance(name, str):
-                TypedAnswer(name)  # a type given from Python: a function or an instance is refused now
-        except ConfigurationError as exc:
-            at = f"{where} {item.line}: " if item.line is not None else ""
-            problems.append(f"{at}id {item.key}: {exc}")
+    that names the first item asking for it (and the others)."""
+    named = [(item.line, item.key, item.output_type) for item in items if item.output_type is not None]
+    found, problems = _output_type_problems(named, tuple(tools), where)
     if problems:
-        raise BatchInputError(source, problems)
+        raise BatchInputError(source, _numbered(problems, where), bad_items=_bad_items(problems))
     return found
 
 
@@ -251,11 +313,55 @@ def check_batch(
 ) -> None:
     """Refuse a run before anything is sent or written: settings that cannot work (`BatchSettings.check`) and
     output types that name nothing (`resolve_output_types`; with a factory, only str, int, float, bool)."""
-    tools: tuple[str, ...] = ()
-    if isinstance(conversation, BatchSettings):
-        conversation.check()
-        tools = conversation.tools
-    resolve_output_types(items, tools, source=source, where=where)
+    items = list(items)
+    named = [(item.line, item.key, item.output_type) for item in items if item.output_type is not None]
+    resolve_output_types(items, _checked_tools(conversation, named), source=source, where=where)
+
+
+def _checked_tools(conversation: BatchSettings | ConversationFactory, named: Iterable[Named]) -> tuple[str, ...]:
+    """The tools files or modules to look output types up in, once the settings are checked (a file of types
+    only is taken when an item names one of its types); a factory has none."""
+    if not isinstance(conversation, BatchSettings):
+        return ()
+    conversation.check(output_types={output_type for _, _, output_type in named if isinstance(output_type, str)})
+    return conversation.tools
+
+
+def _output_type_problems(
+    named: Iterable[Named], tools: tuple[str, ...], where: str
+) -> tuple[dict[str, Any], list[Problem]]:
+    """The types found by name, and the problems: a name that resolves to no type is one problem, at the first
+    row naming it (listing the others), a Python output_type that is no type one problem per row."""
+    found: dict[str, Any] = {}
+    refused: dict[str, tuple[str, list[tuple[int | None, str | None]]]] = {}  # name -> (why, rows naming it)
+    problems: list[Problem] = []
+    for number, key, output_type in named:
+        label = f"id {key}: " if key is not None else ""
+        try:
+            if not isinstance(output_type, str):
+                TypedAnswer(output_type)  # a type given from Python: a function or an instance is refused now
+            elif output_type in refused:
+                refused[output_type][1].append((number, key))
+            elif output_type not in found:
+                found[output_type] = _output_type(output_type, tools)
+        except ConfigurationError as exc:
+            if not isinstance(output_type, str):
+                problems.append((number, f"{label}{exc}"))
+            else:
+                refused[output_type] = (str(exc), [(number, key)])
+    for why, rows in refused.values():
+        (number, key), others = rows[0], [row for row, _ in rows[1:] if row is not None]
+        problems.append((number, f"{'' if key is None else f'id {key}: '}{why}{_also_named(others, where)}"))
+    return found, problems
+
+
+def _also_named(numbers: list[int], where: str, shown: int = 5) -> str:
+    """` (lines 4, 9 name it too)`: the other rows naming a type that is refused; empty without any."""
+    if not numbers:
+        return ""
+    listed = ", ".join(str(number) for number in numbers[:shown])
+    listed += f" and {len(numbers) - shown} more" if len(numbers) > shown else ""
+    return f" ({where} {listed} names it too)" if len(numbers) == 1 else f" ({where}s {listed} name it too)"
 
 
 def _output_type(name: str, tools: tuple[str, ...]) -> Any:
@@ -307,17 +413,19 @@ class BatchSettings:
         )
 
     def load_tools(self) -> list[Tool]:
-        """The tools of every file or module named; `ConfigurationError` / `ToolDefinitionError` as `--tools`."""
-        return [tool for spec in self.tools for tool in load_tools(spec)]
+        """The tools of every file or module named (a file that defines only types to answer in gives none);
+        `ConfigurationError` / `ToolDefinitionError` as `--tools`."""
+        return [tool for spec in self.tools for tool in load_tools(spec, types_file_ok=True)]
 
-    def check(self) -> None:
-        """Refuse settings that cannot work before any item runs: tools that do not load or share a name, a
-        format for a server, max_turns below 1."""
+    def check(self, output_types: Collection[str] = ()) -> None:
+        """Refuse settings that cannot work before any item runs: tools that do not load or share a name, a tools
+        file that defines neither tools nor one of the `output_types` (the type names items answer in), an
+        engine choice that cannot work (`check_model_choice`: a model name with no server, a format for a server),
+        max_turns below 1."""
         if self.max_turns < 1:
             raise ConfigurationError(f"max_turns must be at least 1, got {self.max_turns}")
-        if self.format and self._base_url():
-            raise ConfigurationError("format applies to a GGUF model run in-process, not to a server (base_url)")
-        names = [tool.name for tool in self.load_tools()]
+        check_model_choice(self.model, base_url=self._base_url(), format=self.format)  # as Conversation and the CLI
+        names = [tool.name for spec in self.tools for tool in _tools_or_types(spec, output_types)]
         clashes = sorted({name for name in names if names.count(name) > 1})
         if clashes:
             raise ToolDefinitionError(f"more than one tool is named {', '.join(clashes)}; rename all but one")
@@ -337,17 +445,19 @@ class BatchSettings:
         return self.base_url or os.environ.get("FUNCTIONARY_BASE_URL") or None
 
     def _model(self) -> tuple[ChatModel, bool]:
-        base_url = self._base_url()
-        if base_url:
-            from functionary_agent.models.openai_compatible import OpenAICompatibleModel
+        return resolve_model(self.model, base_url=self._base_url(), api_key=self.api_key, format=self.format)
 
-            return OpenAICompatibleModel(self.model, base_url=base_url, api_key=self.api_key), True
-        if self.model is not None and not (self.model.endswith(".gguf") or os.path.isfile(self.model)):
-            raise ConfigurationError(
-                f"model {self.model!r} is not a GGUF file; to use a model on a server pass base_url (--base-url) "
-                "or set FUNCTIONARY_BASE_URL"
-            )
-        return embedded_model(self.model, self.format), False
+
+def _tools_or_types(spec: str, output_types: Collection[str]) -> list[Tool]:
+    """The tools of `spec`; none for a file of types only that the items use (one they do not use is refused)."""
+    tools = load_tools(spec, types_file_ok=True)
+    defined = answer_type_names(spec) if not tools else []
+    if not tools and not set(defined) & set(output_types):
+        raise ToolDefinitionError(
+            f"{spec} defines no public functions and no @tool functions, only types ({', '.join(defined)}) that no "
+            'item names as its "output_type"'
+        )
+    return tools
 
 
 # -- output --------------------------------------------------------------------------------------------------
@@ -440,6 +550,11 @@ class BatchOutput:
                 raise ConfigurationError(
                     f"{self.path} line {number} is not a batch result; give another output file or remove the line"
                 ) from None
+            if "answer" not in record and ("prompt" in record or "messages" in record):
+                raise ConfigurationError(
+                    f"{self.path} line {number} is a batch input item, not a result (is it the input file?); give "
+                    "the results a file of their own"
+                )
             self._lines.append((key, answered, line))
             if answered:
                 self._answered_keys.add(key)
@@ -582,8 +697,7 @@ async def arun_batch(
     `BatchSettings`, or any function returning a fresh `Conversation` (its model is yours to close).
     `on_result(record)` is called after each line is written. Bad items raise `BatchInputError` before anything
     runs; failed items are counted in the summary, never raised."""
-    checked = check_items(items)
-    check_batch(checked, conversation)
+    checked = check_items(items, conversation=conversation)
     started = time.perf_counter()
     with BatchOutput(output) as out:
         todo = out.pending(checked)

@@ -7,11 +7,16 @@ would to vLLM or llama.cpp. Each request takes the next scripted action:
 - `{"sse": [chunk, ...]}`: a 200 event stream (optionally `"drop": True` to cut it after the chunks);
 - `{"status": 500, "body": {...}, "headers": {...}}`: an error response;
 - `{"drop": True}`: close the connection without answering.
+
+A request whose body is cut short (its client was killed after sending the headers) is neither recorded in
+`requests` nor handed to the handler or the script: it is noted in `cut_requests` (path, bytes announced, bytes
+received) and its connection closed, as a real server drops a request it never fully received.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -87,6 +92,7 @@ class ScriptedServer:
         self.handler = handler
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
+        self.cut_requests: list[tuple[str, int, int]] = []  # (path, content-length, bytes received)
         self._lock = threading.Lock()
         self._httpd = _LoopbackServer(("127.0.0.1", 0), _make_handler(self))
         self._httpd.daemon_threads = True
@@ -95,7 +101,7 @@ class ScriptedServer:
     @property
     def base_url(self) -> str:
         host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}/v1"
+        return f"http://{host!s}:{port}/v1"
 
     def __enter__(self) -> ScriptedServer:
         self._thread.start()
@@ -104,6 +110,10 @@ class ScriptedServer:
     def __exit__(self, *exc: object) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
+
+    def note_cut_request(self, path: str, announced: int, received: int) -> None:
+        with self._lock:
+            self.cut_requests.append((path, announced, received))
 
     def next_action(self, body: dict[str, Any], headers: dict[str, str]) -> Action:
         with self._lock:
@@ -119,66 +129,83 @@ class ScriptedServer:
 class _LoopbackServer(ThreadingHTTPServer):
     request_queue_size = 1024  # benchmarks open hundreds of connections at once; the default backlog is 5
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away (killed, or it stopped reading) is no error of the server's; others print."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
 
 def _make_handler(server: ScriptedServer) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    return type("Handler", (_Handler,), {"scripted": server})
 
-        def log_message(self, *args: Any) -> None:  # keep pytest output clean
-            pass
 
-        def do_GET(self) -> None:
-            if self.path.rstrip("/").endswith("/models"):
-                self._send_json(200, {"object": "list", "data": [server.model_card]})
-            else:
-                self._send_json(404, {"error": {"message": f"no route {self.path}"}})
+class _Handler(BaseHTTPRequestHandler):
+    """Serves one ScriptedServer (`scripted`, set by `_make_handler`)."""
 
-        def do_POST(self) -> None:
-            length = int(self.headers.get("content-length", 0))
+    scripted: ScriptedServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: Any) -> None:  # keep pytest output clean
+        pass
+
+    def do_GET(self) -> None:
+        if self.path.rstrip("/").endswith("/models"):
+            self._send_json(200, {"object": "list", "data": [self.scripted.model_card]})
+        else:
+            self._send_json(404, {"error": {"message": f"no route {self.path}"}})
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("content-length", 0))
+        try:
+            data = self.rfile.read(length)
+        except ConnectionError:
+            data = b""
+        if len(data) < length:  # the client died between its headers and its body (a killed worker)
+            self.scripted.note_cut_request(self.path, length, len(data))
+            self.close_connection = True
+            return
+        try:
+            body = json.loads(data or b"{}")
+        except json.JSONDecodeError:
+            self._send_json(400, {"error": {"message": "request body is not JSON"}})
+            return
+        action = self.scripted.next_action(body, {k.lower(): v for k, v in self.headers.items()})
+        if body.get("stream") and "json" in action:  # a scripted reply, asked for as a stream
+            usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            action = {"sse": as_chunks(action["json"], include_usage=usage)}
+        if "sse" in action:
             try:
-                body = json.loads(self.rfile.read(length) or b"{}")
-            except json.JSONDecodeError:
-                self._send_json(400, {"error": {"message": "request body is not JSON"}})
-                return
-            action = server.next_action(body, {k.lower(): v for k, v in self.headers.items()})
-            if body.get("stream") and "json" in action:  # a scripted reply, asked for as a stream
-                usage = bool((body.get("stream_options") or {}).get("include_usage"))
-                action = {"sse": as_chunks(action["json"], include_usage=usage)}
-            if "sse" in action:
-                try:
-                    self._send_sse(action["sse"], drop=action.get("drop", False))
-                except (BrokenPipeError, ConnectionResetError):  # the client stopped reading (Ctrl-C, a test)
-                    self.close_connection = True
-            elif action.get("drop"):
+                self._send_sse(action["sse"], drop=action.get("drop", False))
+            except (BrokenPipeError, ConnectionResetError):  # the client stopped reading (Ctrl-C, a test)
                 self.close_connection = True
-            elif "json" in action:
-                self._send_json(200, action["json"])
-            else:
-                self._send_json(action["status"], action.get("body", {}), action.get("headers", {}))
+        elif action.get("drop"):
+            self.close_connection = True
+        elif "json" in action:
+            self._send_json(200, action["json"])
+        else:
+            self._send_json(action["status"], action.get("body", {}), action.get("headers", {}))
 
-        def _send_json(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(data)))
-            for key, value in (headers or {}).items():
-                self.send_header(key, value)
-            self.end_headers()
-            self.wfile.write(data)
+    def _send_json(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(data)
 
-        def _send_sse(self, chunks: list[dict[str, Any]], drop: bool) -> None:
-            self.send_response(200)
-            self.send_header("content-type", "text/event-stream")
-            self.send_header("transfer-encoding", "chunked")
-            self.end_headers()
-            events = [f"data: {json.dumps(c)}\n\n" for c in chunks] + ([] if drop else ["data: [DONE]\n\n"])
-            for event in events:
-                data = event.encode()
-                self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-                self.wfile.flush()
-            if drop:  # cut mid-stream: no terminating chunk
-                self.close_connection = True
-                return
-            self.wfile.write(b"0\r\n\r\n")
-
-    return Handler
+    def _send_sse(self, chunks: list[dict[str, Any]], drop: bool) -> None:
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        events = [f"data: {json.dumps(c)}\n\n" for c in chunks] + ([] if drop else ["data: [DONE]\n\n"])
+        for event in events:
+            data = event.encode()
+            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            self.wfile.flush()
+        if drop:  # cut mid-stream: no terminating chunk
+            self.close_connection = True
+            return
+        self.wfile.write(b"0\r\n\r\n")

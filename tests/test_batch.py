@@ -231,8 +231,10 @@ def test_an_output_type_found_nowhere_refuses_the_run(tmp_path: Path) -> None:
     done = cli(str(items), "--tools", str(tools), "-o", str(out), "--base-url", "http://127.0.0.1:9/v1")
     assert done.returncode == 2 and not out.exists(), done.stderr
     lines = done.stderr.splitlines()
-    assert lines[0] == f"functionary-agent: error: {items}: 1 bad item, nothing was run:"
-    assert "line 4: id 4:" in lines[1] and "name of a type" in lines[1]
+    assert lines[0] == f"functionary-agent: error: {items}: 3 bad items, nothing was run:"  # all in one pass
+    assert lines[1].startswith("  line 2: id 2: output_type 'Town' is defined in none of the tools")
+    assert lines[2].startswith("  line 3: id 3: output_type 'NOT_A_TYPE' in ") and "not a class" in lines[2]
+    assert "line 4: id 4:" in lines[3] and "name of a type" in lines[3]
     names_only = write_items(tmp_path / "names.jsonl", [
         {"id": 1, "prompt": "a", "output_type": "City"}, {"id": 2, "prompt": "b", "output_type": "Town"},
         {"id": 3, "prompt": "c", "output_type": "NOT_A_TYPE"},

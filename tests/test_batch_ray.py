@@ -28,6 +28,7 @@ from tests.test_batch import (
     weather,
     write_items,
 )
+from tests.test_batch_edges import TYPES_ONLY
 
 ray = pytest.importorskip("ray")
 
@@ -79,6 +80,8 @@ def test_a_worker_killed_mid_shard_loses_nothing_and_duplicates_nothing(ray_addr
     with ScriptedServer(handler=weather) as server:
         settings = BatchSettings(tools=(str(tmp_path / "deadly_tools.py"),), base_url=server.base_url)
         summary = run_batch_on_ray(city_items(16), tmp_path / "out.jsonl", settings, concurrency=2, shard_size=8)
+        # the kill may cut another item's request after its headers: the server drops it (server.cut_requests),
+        # never logs it, and the shard's retry sends it again whole
         asked_city5 = [r for r in server.requests if r["messages"][-1]["content"] == "Weather in city5?"]
     assert marker.exists() and len(asked_city5) == 2, "the worker was killed, and its shard sent again"
     assert answers(tmp_path / "out.jsonl") == {f"q{i}": f"Answer: city{i}: 21 C" for i in range(16)}
@@ -93,6 +96,20 @@ def test_workers_find_the_output_type_in_the_shipped_tools_file(ray_address: str
         summary = run_batch_on_ray(items, tmp_path / "out.jsonl", settings, concurrency=2)
     assert (summary.answered, summary.failed) == (1, 0)
     assert answers(tmp_path / "out.jsonl") == {"city": {"name": "Lyon", "population": 520000}}
+
+
+def test_a_tools_file_of_types_only_reaches_the_workers_as_types_and_no_tools(
+    ray_address: str, tmp_path: Path
+) -> None:
+    (tmp_path / "types.py").write_text(TYPES_ONLY)
+    items = [{"id": "city", "prompt": "Lyon has 520,000 people.", "output_type": "City"},
+             {"id": "count", "prompt": "How many?", "output_type": "int"}]  # its shard names no type of the file
+    with ScriptedServer(handler=city_record) as server:
+        settings = BatchSettings(tools=(str(tmp_path / "types.py"),), base_url=server.base_url)
+        summary = run_batch_on_ray(items, tmp_path / "out.jsonl", settings, concurrency=2, shard_size=1)
+    assert (summary.answered, summary.failed) == (2, 0)
+    assert answers(tmp_path / "out.jsonl") == {"city": {"name": "Lyon", "population": 520000}, "count": 7}
+    assert {t["function"]["name"] for r in server.requests for t in r.get("tools", [])} == {"final_result"}
 
 
 def test_a_tools_file_importing_its_neighbour_runs_in_a_session_with_its_folder(

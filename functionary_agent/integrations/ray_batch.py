@@ -53,7 +53,6 @@ from functionary_agent.batch import (
     BatchSummary,
     Record,
     answer_items,
-    check_batch,
     check_items,
     failure_record,
     resolve_output_types,
@@ -132,8 +131,7 @@ def run_batch_on_ray(
     on_result: Callable[[Record], object] | None = None,
 ) -> BatchSummary:
     """`functionary_agent.batch.run_batch` on Ray: same items, output file, resume rule and summary."""
-    checked = check_items(items)
-    check_batch(checked, settings)
+    checked = check_items(items, conversation=settings)
     started = time.perf_counter()
     with ray_session(address), BatchOutput(output) as out:
         todo = out.pending(checked)
