@@ -6,8 +6,10 @@ import os
 import pty
 import select
 import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,3 +40,18 @@ def run_in_terminal(command: list[str], timeout: float = 60) -> str:
     screen = b"".join(chunks).decode(errors="replace")
     assert process.returncode == 0, screen
     return screen
+
+
+def spawn_chat(base_url: str, *arguments: str, columns: int = 120) -> Any:
+    """`functionary-agent chat --base-url URL ARGUMENTS...` on a pexpect pseudo-terminal of 40 x `columns`, with
+    no FUNCTIONARY_* variable of ours leaking in; returned once it prompts `you> `."""
+    import pexpect
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FUNCTIONARY_")}
+    child = pexpect.spawn(
+        sys.executable, ["-m", "functionary_agent.cli", "chat", "--base-url", base_url, *arguments], cwd=str(ROOT),
+        env={**env, "TERM": "xterm", "COLUMNS": str(columns)}, encoding="utf-8", timeout=30,
+        dimensions=(40, columns),
+    )
+    child.expect("you> ")
+    return child

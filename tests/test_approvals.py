@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -18,6 +17,7 @@ from functionary_agent import ApprovalRequired, ConfigurationError, Conversation
 from functionary_agent.events import ApprovalRequested, FinalAnswer, ToolResult
 from functionary_agent.testing import ScriptedModel, call
 from tests.openai_server import ScriptedServer, function_call, reply
+from tests.terminal import spawn_chat
 
 ROOT = Path(__file__).resolve().parents[1]
 DELETED: list[str] = []
@@ -218,13 +218,8 @@ def test_the_cli_chat_asks_yes_or_no_in_a_terminal(tmp_path: Path) -> None:
         path = str(last["content"]).split()[-1]
         return reply(None, [function_call("delete_file", json.dumps({"path": path}))])
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FUNCTIONARY_")}
     with ScriptedServer(handler=script) as server:
-        child = pexpect.spawn(
-            sys.executable, ["-m", "functionary_agent.cli", "chat", "--tools", str(tools), "--base-url",
-                             server.base_url], cwd=str(ROOT), env={**env, "TERM": "xterm"}, encoding="utf-8",
-            timeout=30, dimensions=(40, 120))
-        child.expect("you> ")
+        child = spawn_chat(server.base_url, "--tools", str(tools))
         child.sendline("delete keep.txt")
         child.expect("needs your approval")
         child.expect(r"run it\? \[y/N\] ")

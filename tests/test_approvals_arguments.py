@@ -6,8 +6,6 @@ so the arguments arrive as JSON text, as they do from every server."""
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +17,7 @@ from functionary_agent import ApprovalRequired, Conversation
 from functionary_agent._approvals import PendingCall
 from functionary_agent.events import ApprovalRequested
 from tests.openai_server import ScriptedServer, function_call, reply
+from tests.terminal import spawn_chat
 
 ROOT = Path(__file__).resolve().parents[1]
 LOG = '{"path":  "tmp/old.log",\n "note": "café"}'  # spaced and non-ASCII, as a server may send it
@@ -148,13 +147,8 @@ def test_the_terminal_question_shows_the_arguments_as_sent(tmp_path: Path) -> No
             \"\"\"Delete a file.\"\"\"
             return "deleted " + path
     """))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FUNCTIONARY_")}
     with ScriptedServer(handler=two_deletions) as server:
-        child = pexpect.spawn(
-            sys.executable, ["-m", "functionary_agent.cli", "chat", "--tools", str(tools), "--base-url",
-                             server.base_url], cwd=str(ROOT), env={**env, "TERM": "xterm"}, encoding="utf-8",
-            timeout=30, dimensions=(40, 160))
-        child.expect("you> ")
+        child = spawn_chat(server.base_url, "--tools", str(tools), columns=160)
         child.sendline("clean up")
         child.expect_exact('delete_file({"path": "tmp/old.log", "note": "café"}) needs your approval')
         child.expect(r"run it\? \[y/N\] ")

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from tests.openai_server import ScriptedServer, function_call, reply
+from tests.terminal import spawn_chat
 
 pexpect = pytest.importorskip("pexpect")
 
@@ -34,14 +35,8 @@ def script(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def spawn(server: ScriptedServer) -> Any:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FUNCTIONARY_")}
-    child = pexpect.spawn(
-        sys.executable, ["-m", "functionary_agent.cli", "chat", "--tools", WEATHER, "--base-url", server.base_url],
-        cwd=str(ROOT), env={**env, "TERM": "xterm", "COLUMNS": "120"}, encoding="utf-8", timeout=30,
-        dimensions=(40, 120),
-    )
-    child.expect("Ctrl-D to leave")
-    child.expect("you> ")
+    child = spawn_chat(server.base_url, "--tools", WEATHER)
+    assert "Ctrl-D to leave" in child.before
     return child
 
 

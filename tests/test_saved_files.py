@@ -19,6 +19,7 @@ from functionary_agent import ConfigurationError, Conversation
 from functionary_agent._saved import MAX_SAVED_BYTES
 from functionary_agent.testing import ScriptedModel, call
 from tests.openai_server import ScriptedServer, reply
+from tests.terminal import spawn_chat
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,12 +140,8 @@ def test_a_hostile_file_is_a_note_in_the_chat_and_the_chat_goes_on(tmp_path: Pat
     pexpect = pytest.importorskip("pexpect")
     deep = saved(tmp_path, "[" * 100_000 + "]" * 100_000, "deep.json")
     broken = saved(tmp_path, {"messages": [{"role": "assistant", "content": None, "tool_calls": "zzz"}]}, "zzz.json")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FUNCTIONARY_")}
     with ScriptedServer(handler=lambda body: reply(f"You said: {body['messages'][-1]['content']}")) as server:
-        child = pexpect.spawn(sys.executable, ["-m", "functionary_agent.cli", "chat", "--base-url", server.base_url],
-                              cwd=str(ROOT), env={**env, "TERM": "xterm", "COLUMNS": "200"}, encoding="utf-8",
-                              timeout=30, dimensions=(40, 200))
-        child.expect("you> ")
+        child = spawn_chat(server.base_url, columns=200)
         child.sendline(f"/load {deep}")
         child.expect("nested deeper than 64 levels")
         child.expect("you> ")
