@@ -89,7 +89,7 @@ def measure(args: argparse.Namespace) -> None:
     idle, cpu = peak_mb(), cpu_seconds()
     started = time.perf_counter()
     if args.measure == "ray":
-        from functionary_agent.integrations.ray_batch import run_batch_on_ray
+        from functionary_agent.batch.ray import run_batch_on_ray
 
         summary = run_batch_on_ray(items, args.output, settings, concurrency=args.concurrency)
     else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any
 
-from functionary_agent._approvals import PendingCall
+from functionary_agent._run.approvals import PendingCall
 from functionary_agent.conversation import Conversation
 from functionary_agent.errors import (
     ApprovalRequired,

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 import pydantic
 
 from functionary_agent import _sync
-from functionary_agent._answers import FINAL_RESULT, PlainAnswer, TypedAnswer, Verdict
-from functionary_agent._approvals import (
+from functionary_agent._run.answers import FINAL_RESULT, PlainAnswer, TypedAnswer, Verdict
+from functionary_agent._run.approvals import (
     ApprovalCallback,
     ApprovalGate,
     Decision,
@@ -22,12 +22,12 @@ from functionary_agent._approvals import (
     off_the_loop,
     pending_calls,
 )
-from functionary_agent._calls import CANCELLED, CallRunner, tool_message
-from functionary_agent._context import ContextBudget, HistoryHook
-from functionary_agent._interpreter import PythonTool, is_code_interpreter
-from functionary_agent._repeats import RepeatGuard
+from functionary_agent._run.calls import CANCELLED, CallRunner, tool_message
+from functionary_agent._run.context_budget import ContextBudget, HistoryHook
+from functionary_agent._run.interpreter import PythonTool, is_code_interpreter
+from functionary_agent._run.repeats import RepeatGuard
+from functionary_agent._run.tracing import RunTracer, model_label
 from functionary_agent._saved import read_saved_messages, write_saved
-from functionary_agent._tracing import RunTracer, model_label
 from functionary_agent.errors import (
     ApprovalRequired,
     CloseError,
@@ -203,7 +203,7 @@ class Conversation:
         """This conversation as a tool another can call with `{"task": "..."}`: each call runs the task on a fresh
         copy of these messages (same model, tools and settings), returns the final answer (the typed output as
         JSON with `output_type`), and counts its usage into the caller's run. Agents nest at most `max_depth`."""
-        from functionary_agent._agent_tool import agent_tool
+        from functionary_agent._run.agent_tool import agent_tool
 
         if max_depth < 1:
             raise ConfigurationError(f"max_depth must be at least 1, got {max_depth}")

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from functionary_agent._approvals import PendingCall
+    from functionary_agent._run.approvals import PendingCall
 
 
 class FunctionaryAgentError(Exception):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from functionary_agent._approvals import PendingCall
+    from functionary_agent._run.approvals import PendingCall
 
 
 @dataclass(frozen=True)

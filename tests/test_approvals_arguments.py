@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from functionary_agent import ApprovalRequired, Conversation
-from functionary_agent._approvals import PendingCall
+from functionary_agent._run.approvals import PendingCall
 from functionary_agent.events import ApprovalRequested
 from tests.openai_server import ScriptedServer, function_call, reply
 from tests.terminal import spawn_chat

@@ -32,7 +32,7 @@ from tests.test_batch_edges import TYPES_ONLY
 
 ray = pytest.importorskip("ray")
 
-from functionary_agent.integrations.ray_batch import run_batch_on_ray  # noqa: E402 - needs ray
+from functionary_agent.batch.ray import run_batch_on_ray  # noqa: E402 - needs ray
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,7 +129,7 @@ def test_a_tools_file_importing_its_neighbour_runs_in_a_session_with_its_folder(
     driver = (
         "import ray, sys\n"
         "from functionary_agent.batch import BatchSettings, read_items\n"
-        "from functionary_agent.integrations.ray_batch import run_batch_on_ray\n"
+        "from functionary_agent.batch.ray import run_batch_on_ray\n"
         f"ray.init(address={ray_address!r}, runtime_env={{'working_dir': {str(folder)!r}}}, log_to_driver=False)\n"
         f"settings = BatchSettings(tools=({str(folder / 'tools.py')!r},), base_url=sys.argv[1])\n"
         f"print(run_batch_on_ray(read_items({str(tmp_path / 'in.jsonl')!r}), {str(tmp_path / 'out.jsonl')!r}, "

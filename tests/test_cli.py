@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from functionary_agent import cli as cli_module
-from functionary_agent._tool_files import load_tools
+from functionary_agent.cli import app as cli_module
 from functionary_agent.conversation import Conversation
 from functionary_agent.errors import ConfigurationError, ToolDefinitionError
+from functionary_agent.integrations.tool_files import load_tools
 from functionary_agent.testing import ScriptedModel, ScriptedRequest
 from tests.openai_server import ScriptedServer, function_call, reply
 from tests.terminal import run_in_terminal

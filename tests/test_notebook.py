@@ -19,7 +19,7 @@ import pytest
 
 from examples.weather import get_weather
 from functionary_agent import Conversation, ModelError
-from functionary_agent._interpreter import PythonTool
+from functionary_agent._run.interpreter import PythonTool
 from functionary_agent.events import FinalAnswer, TextDelta, ToolCallArgumentsDelta, ToolCallStarted, ToolResult
 from functionary_agent.notebook import (
     LiveDisplay,
@@ -367,7 +367,7 @@ chat.register(delete_file, approve=True)
 def test_a_paused_run_shows_the_waiting_call_and_the_resume_line() -> None:
     nbformat = pytest.importorskip("nbformat")
     cells = [
-        _APPROVAL_SETUP + "import functionary_agent._notebook_approvals as approvals\n"
+        _APPROVAL_SETUP + "import functionary_agent.notebook.approvals as approvals\n"
         "approvals.widgets_available = lambda: False  # as without ipywidgets",
         "try:\n    chat.submit('Delete a.txt', display=True)\nexcept ApprovalRequired as paused:\n    print('paused')",
         "print(chat.resume({'call_del': True}), DELETED)",
@@ -387,7 +387,7 @@ def test_with_ipywidgets_the_buttons_answer_and_the_run_goes_on() -> None:
     cells = [
         _APPROVAL_SETUP,
         "try:\n    chat.submit('Delete a.txt', display=True)\nexcept ApprovalRequired:\n    pass",
-        "from functionary_agent._notebook_approvals import approval_panel\n"
+        "from functionary_agent.notebook.approvals import approval_panel\n"
         "panel = approval_panel(chat, chat.pending_approvals)\n"
         "row = panel.children[0]\n"
         "print(row.children[0].value)\n"

@@ -262,7 +262,7 @@ def test_a_failed_run_quoting_the_model_shows_text() -> None:
 _APPROVAL_SETUP = f"""
 import json
 from functionary_agent import ApprovalRequired, Conversation, ModelError
-from functionary_agent._notebook_approvals import approval_panel
+from functionary_agent.notebook.approvals import approval_panel
 from functionary_agent.testing import ScriptedModel, call
 TOOL_NAME, ANSWER_IMAGE, RAW_IMAGE = {TOOL_NAME!r}, {ANSWER_IMAGE!r}, {RAW_IMAGE!r}
 def delete_file(path: str) -> str:

@@ -14,7 +14,7 @@ import pytest
 from markdown_it import MarkdownIt
 
 from functionary_agent import Conversation, notebook
-from functionary_agent._interpreter import PythonTool
+from functionary_agent._run.interpreter import PythonTool
 from functionary_agent.events import FinalAnswer
 from functionary_agent.notebook import LiveDisplay, image_resolver, render_html, render_markdown
 from functionary_agent.testing import ScriptedModel

@@ -18,7 +18,7 @@ from functionary_agent import (
     Usage,
     UsageLimitExceeded,
 )
-from functionary_agent._repeats import FAILED_BEFORE
+from functionary_agent._run.repeats import FAILED_BEFORE
 from functionary_agent.events import ToolResult
 from functionary_agent.testing import ScriptedModel, ScriptedRequest, call
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from functionary_agent._terminal import json_for_terminal
 from functionary_agent._text import visible_controls
+from functionary_agent.cli.terminal import json_for_terminal
 from tests.openai_server import ScriptedServer, chunk, function_call, reply
 from tests.terminal import run_in_terminal
 

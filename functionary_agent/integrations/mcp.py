@@ -33,7 +33,7 @@ from typing import Any, TextIO, TypeVar
 from functionary_agent._text import shorten, visible_controls
 from functionary_agent.errors import ConfigurationError
 from functionary_agent.integrations._http_guard import Origin, RequestGuard
-from functionary_agent.integrations._shared import has_stopped, on_loop
+from functionary_agent.integrations._loop_handover import has_stopped, on_loop
 from functionary_agent.tools import Tool, unique_tool_name
 
 try:

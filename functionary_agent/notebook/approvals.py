@@ -21,7 +21,7 @@ import weakref
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from functionary_agent._approvals import Decision, PendingCall, pending_calls
+from functionary_agent._run.approvals import Decision, PendingCall, pending_calls
 from functionary_agent._text import compact_json, cut
 from functionary_agent.errors import ApprovalRequired, ConfigurationError
 

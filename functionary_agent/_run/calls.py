@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from functionary_agent._repeats import RepeatGuard
+from functionary_agent._run.repeats import RepeatGuard
+from functionary_agent._run.tracing import RunTracer
 from functionary_agent._text import head_and_tail
-from functionary_agent._tracing import RunTracer
 from functionary_agent.events import ToolResult
 from functionary_agent.models.base import ToolCall
 from functionary_agent.run_context import RunContext

@@ -37,7 +37,7 @@ from functionary_agent._schema import map_subschemas
 from functionary_agent._text import cut
 from functionary_agent.errors import ConfigurationError
 from functionary_agent.integrations._http_guard import Origin, RequestGuard, RequestRefused
-from functionary_agent.integrations._shared import has_stopped, on_loop
+from functionary_agent.integrations._loop_handover import has_stopped, on_loop
 from functionary_agent.tools import Tool, unique_tool_name
 
 try:

@@ -22,11 +22,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from functionary_agent._terminal import Reporter, json_for_terminal, show_library_warnings
 from functionary_agent._text import visible_controls
-from functionary_agent._tool_files import load_tools
+from functionary_agent.cli.terminal import Reporter, json_for_terminal, show_library_warnings
 from functionary_agent.conversation import Conversation
 from functionary_agent.errors import ConfigurationError, FormatError, FunctionaryAgentError, ToolDefinitionError
+from functionary_agent.integrations.tool_files import load_tools
 from functionary_agent.models import ChatModel, check_model_choice, resolve_model
 from functionary_agent.server.cli import add_serve_parser
 
@@ -209,7 +209,7 @@ def _run(args: argparse.Namespace) -> int:
     reporter = Reporter(sys.stdout, quiet=args.json, live=sys.stdout.isatty())
     with _conversation(args) as chat:
         if sys.stdin.isatty():  # calls that need a yes are asked about; elsewhere the run stops with an error
-            from functionary_agent._repl import terminal_approval
+            from functionary_agent.cli.repl import terminal_approval
 
             chat.on_approval = terminal_approval(reporter)
         with reporter.turn():
@@ -234,7 +234,7 @@ def _check_prompt(prompt: str) -> None:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from functionary_agent._repl import Repl
+    from functionary_agent.cli.repl import Repl
 
     with _conversation(args) as chat:
         Repl(chat, Reporter(sys.stdout, quiet=False, live=sys.stdout.isatty())).loop()
@@ -295,7 +295,7 @@ def _enter_batch_target(stack: contextlib.ExitStack, args: argparse.Namespace) -
 
     try:
         if args.ray is not None:
-            from functionary_agent.integrations.ray_batch import ray_session
+            from functionary_agent.batch.ray import ray_session
 
             stack.enter_context(ray_session(args.ray or None))
         return stack.enter_context(BatchOutput(args.output))
@@ -309,7 +309,7 @@ def _answer_batch(
     if not todo:
         return
     if args.ray is not None:
-        from functionary_agent.integrations.ray_batch import answer_on_ray
+        from functionary_agent.batch.ray import answer_on_ray
 
         answer_on_ray(todo, settings, deliver=deliver, concurrency=args.concurrency)
     else:
@@ -330,6 +330,3 @@ def _fail(message: str, status: int = EXIT_FAILED, *, debug: bool = False) -> in
     print(f"functionary-agent: error: {visible_controls(message)}", file=sys.stderr)
     return status
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,9 +9,9 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 
-from functionary_agent._approvals import PendingCall
-from functionary_agent._terminal import Reporter
+from functionary_agent._run.approvals import PendingCall
 from functionary_agent._text import compact_json
+from functionary_agent.cli.terminal import Reporter
 from functionary_agent.conversation import Conversation
 from functionary_agent.errors import FunctionaryAgentError
 

@@ -19,7 +19,7 @@ order do not. The driver instead sends the shard's items it has not received aga
 missing and never written twice.
 
     from functionary_agent.batch import BatchSettings, read_items
-    from functionary_agent.integrations.ray_batch import run_batch_on_ray
+    from functionary_agent.batch.ray import run_batch_on_ray
 
     run_batch_on_ray(read_items("in.jsonl"), "out.jsonl", BatchSettings(tools=("tools.py",), base_url=URL),
                      address="auto", concurrency=16)

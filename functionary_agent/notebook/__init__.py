@@ -47,9 +47,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from functionary_agent._calls import CANCELLED
-from functionary_agent._interpreter import PYTHON, PythonTool
 from functionary_agent._openai_messages import code_of, message_text
+from functionary_agent._run.calls import CANCELLED
+from functionary_agent._run.interpreter import PYTHON, PythonTool
 from functionary_agent._text import compact_json, shorten
 from functionary_agent.errors import ApprovalRequired
 from functionary_agent.events import (
@@ -69,7 +69,7 @@ if TYPE_CHECKING:
     from markdown_it.token import Token
     from markdown_it.utils import OptionsDict
 
-    from functionary_agent._approvals import Decision, PendingCall
+    from functionary_agent._run.approvals import Decision, PendingCall
     from functionary_agent.conversation import Content, Conversation
 
 logger = logging.getLogger(__name__)
@@ -814,7 +814,7 @@ class LiveDisplay:
         """Mark the run as stopped: calls still running are cancelled, and a red box says what ended it. A pause
         for approval is no failure: it gets the approval box (if the run's events did not show it already)."""
         if isinstance(error, ApprovalRequired):
-            from functionary_agent._notebook_approvals import was_shown
+            from functionary_agent.notebook.approvals import was_shown
 
             if not was_shown(error):
                 self._show_pause(error)
@@ -848,7 +848,7 @@ class LiveDisplay:
     def _show_pause(self, paused: ApprovalRequired) -> None:
         """The turn's calls stop showing as running (those that wait say so, the others run on resume), then
         the box with the waiting calls and the line (or buttons) that answers them."""
-        from functionary_agent._notebook_approvals import mark_shown, pending_bundle, resume_line
+        from functionary_agent.notebook.approvals import mark_shown, pending_bundle, resume_line
 
         waiting = {call.id for call in paused.calls}
         names = {call.name for call in paused.calls}
@@ -944,7 +944,7 @@ def _live_display(chat: Conversation) -> LiveDisplay:
     if _shell() is None:
         logger.warning("no IPython shell is running: the run is not displayed")
         return LiveDisplay(show=_no_show)
-    from functionary_agent._notebook_approvals import approval_panel, resume_line, widgets_available
+    from functionary_agent.notebook.approvals import approval_panel, resume_line, widgets_available
 
     ask = None
     if widgets_available():
@@ -975,7 +975,7 @@ def _shown(answer: str) -> str:
 def _displayed_run(chat: Conversation) -> Iterator[LiveDisplay]:
     """The live display of one run: the caller feeds it the run's events; a failure is shown, then raised (a
     pause too, which the kernel then shows as no traceback: see `_notebook_approvals`)."""
-    from functionary_agent._notebook_approvals import install_pause_display, remember
+    from functionary_agent.notebook.approvals import install_pause_display, remember
 
     install_pause_display(_shell())
     live = _live_display(chat)
@@ -1009,7 +1009,7 @@ def resume(decisions: Mapping[str, Decision]) -> Any:
     """Answer a run shown paused in this notebook, whatever holds its conversation: `resume({call_id: True})`
     (False or a reason string declines) finds the conversation that waits on those calls and resumes it, as
     `Conversation.resume` does. The pause box offers this line when no global name refers to the conversation."""
-    from functionary_agent._notebook_approvals import remember, waiting_conversation
+    from functionary_agent.notebook.approvals import remember, waiting_conversation
 
     chat = waiting_conversation(decisions, notebook_namespace())
     try:
@@ -1022,7 +1022,7 @@ def resume(decisions: Mapping[str, Decision]) -> Any:
 def _install_at_import() -> None:
     """In a kernel, a pause shows as a pause from the first `submit`, typed ones (not displayed live) included."""
     if in_notebook():
-        from functionary_agent._notebook_approvals import install_pause_display
+        from functionary_agent.notebook.approvals import install_pause_display
 
         install_pause_display(_shell())
 

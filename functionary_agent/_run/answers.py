@@ -23,7 +23,7 @@ from typing import Any
 
 import pydantic
 
-from functionary_agent._calls import tool_message
+from functionary_agent._run.calls import tool_message
 from functionary_agent._schema import clean_schema
 from functionary_agent.errors import ConfigurationError, OutputValidationError
 from functionary_agent.events import FinalAnswer

@@ -38,7 +38,7 @@ second run on the same output is refused at once.
     summary = run_batch(read_items("questions.jsonl"), "answers.jsonl", conversation=BatchSettings(
         tools=("examples/weather.py",), base_url="http://127.0.0.1:8000/v1"), concurrency=16)
 
-`functionary_agent.integrations.ray_batch` runs the same items on a Ray cluster. Not imported by
+`functionary_agent.batch.ray` runs the same items on a Ray cluster. Not imported by
 `import functionary_agent`.
 """
 
@@ -58,11 +58,11 @@ from types import TracebackType
 from typing import Any, TextIO
 
 from functionary_agent import _sync
-from functionary_agent._answers import TypedAnswer
+from functionary_agent._run.answers import TypedAnswer
 from functionary_agent._saved import schema_problem, structure_problem
-from functionary_agent._tool_files import answer_type_names, find_answer_type, load_tools
 from functionary_agent.conversation import Conversation
 from functionary_agent.errors import ConfigurationError, ToolDefinitionError
+from functionary_agent.integrations.tool_files import answer_type_names, find_answer_type, load_tools
 from functionary_agent.models import check_model_choice, resolve_model
 from functionary_agent.models.base import ChatModel, ToolChoice
 from functionary_agent.tools import Tool
