@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+import sys
 from typing import TYPE_CHECKING, Any
 
 from functionary_agent._run.approvals import PendingCall
+from functionary_agent._run.state import RunEnd
 from functionary_agent.conversation import Conversation
 from functionary_agent.errors import (
     ApprovalRequired,
@@ -20,7 +22,8 @@ from functionary_agent.errors import (
     ToolDefinitionError,
     UsageLimitExceeded,
 )
-from functionary_agent.models.base import AssistantMessage, ChatModel, ToolCall
+from functionary_agent.messages import AssistantMessage, ToolCall
+from functionary_agent.models.base import ChatModel
 from functionary_agent.run_context import RunContext
 from functionary_agent.tools import Tool, tool
 from functionary_agent.usage import Limits, Usage
@@ -49,6 +52,7 @@ __all__ = [
     "OutputValidationError",
     "PendingCall",
     "RunContext",
+    "RunEnd",
     "Tool",
     "ToolCall",
     "ToolDefinitionError",
@@ -78,3 +82,7 @@ def _package_version() -> str:
         return version("functionary-agent")
     except PackageNotFoundError:
         return "0+unknown"
+
+
+if "IPython" in sys.modules:  # inside IPython (Jupyter): the notebook front end shows runs as they happen
+    import functionary_agent.notebook  # noqa: F401  (registers its display hook with the core)

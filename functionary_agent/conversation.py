@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import importlib
+import dataclasses
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import pydantic
 
-from functionary_agent import _sync
-from functionary_agent._run.answers import FINAL_RESULT, PlainAnswer, TypedAnswer, Verdict
+from functionary_agent import _sync, integrations
+from functionary_agent._display import display_hook
+from functionary_agent._run.answers import FINAL_RESULT, PlainAnswer, TypedAnswer
 from functionary_agent._run.approvals import (
     ApprovalCallback,
     ApprovalGate,
@@ -22,10 +23,13 @@ from functionary_agent._run.approvals import (
     off_the_loop,
     pending_calls,
 )
-from functionary_agent._run.calls import CANCELLED, CallRunner, tool_message
+from functionary_agent._run.calls import CallRunner
+from functionary_agent._run.config import DEFAULT_MAX_IDENTICAL_CALLS, DEFAULT_MAX_RESULT_CHARS, RunConfig, Setting
 from functionary_agent._run.context_budget import ContextBudget, HistoryHook
 from functionary_agent._run.interpreter import PythonTool, is_code_interpreter
+from functionary_agent._run.loop import run_loop
 from functionary_agent._run.repeats import RepeatGuard
+from functionary_agent._run.state import AnswerRule, RunDeps, RunEnd, RunState
 from functionary_agent._run.tracing import RunTracer, model_label
 from functionary_agent._saved import read_saved_messages, write_saved
 from functionary_agent.errors import (
@@ -33,31 +37,25 @@ from functionary_agent.errors import (
     CloseError,
     ConfigurationError,
     ConversationBusyError,
-    MaxTurnsExceeded,
-    ModelError,
     ToolDefinitionError,
 )
-from functionary_agent.events import (
-    ApprovalRequested,
-    Event,
-    FinalAnswer,
-    TextDelta,
-    ToolCallArgumentsDelta,
-    ToolCallStarted,
-    ToolResult,
-)
+from functionary_agent.events import ApprovalRequested, Event, FinalAnswer
+from functionary_agent.integrations import ToolSource
+from functionary_agent.messages import ToolCall, ToolChoice
 from functionary_agent.models import resolve_model
-from functionary_agent.models.base import AssistantMessage, ChatModel, ToolCall, ToolChoice, stream_call_index
+from functionary_agent.models.base import ChatModel
 from functionary_agent.run_context import RunContext
-from functionary_agent.tools import Approval, Tool, check_result_limit
+from functionary_agent.tools import Approval, Tool
 from functionary_agent.usage import Limits, Usage
 
 if TYPE_CHECKING:
     from sandbox import KernelSandbox
 
+__all__ = ["Content", "Conversation"]
+
+
 Content = str | list[dict[str, Any]] | None
-AnswerRule = PlainAnswer | TypedAnswer
-DEFAULT_MAX_RESULT_CHARS = 20_000
+T = TypeVar("T")
 
 
 class Conversation:
@@ -68,8 +66,23 @@ class Conversation:
     `code_interpreter` (True, a dict of `KernelSandbox` settings, or a `KernelSandbox`) adds the `python` tool,
     backed by a sandboxed Jupyter kernel that starts in the background now; `close()` shuts it down.
     Forced choices (`tool_choice="required"` or a named function) apply to the first model turn of each
-    submit; later turns use "auto", otherwise the model could never answer.
+    submit; later turns use "auto", otherwise the model could never answer. A turn that repeats one call more than
+    `max_identical_calls` times handles it once and tells the model so for each copy. The settings are one frozen
+    `RunConfig` (`config`); each is also an attribute (`chat.limits = Limits(...)` replaces the config).
     """
+
+    tool_choice: Setting[ToolChoice] = Setting()
+    max_turns: Setting[int] = Setting()
+    parallel_tool_calls: Setting[bool] = Setting()
+    max_identical_calls: Setting[int] = Setting()
+    limits: Setting[Limits] = Setting()
+    max_result_chars: Setting[int | None] = Setting()
+    trace_content: Setting[bool] = Setting()
+    deps: Setting[Any] = Setting()  # handed to tools through their `RunContext` parameter
+    output_retries: Setting[int] = Setting()  # invalid typed answers sent back before OutputValidationError
+    on_approval: Setting[ApprovalCallback | None] = Setting()
+    """Decides calls that need a yes: `fn(call)` (sync or async) returns True, False or a reason to decline with;
+    None pauses the run instead (`ApprovalRequired`, then `resume`)."""
 
     def __init__(
         self,
@@ -83,6 +96,7 @@ class Conversation:
         max_turns: int = 10,
         parallel_tool_calls: bool = True,
         max_concurrency: int | None = None,
+        max_identical_calls: int = DEFAULT_MAX_IDENTICAL_CALLS,
         code_interpreter: bool | KernelSandbox | Mapping[str, Any] = False,
         on_approval: ApprovalCallback | None = None,
         limits: Limits | None = None,
@@ -94,29 +108,46 @@ class Conversation:
         output_retries: int = 2,
         **settings: Any,
     ) -> None:
-        _check_run_controls(max_turns, max_concurrency, limits, context_window, history, output_retries)
-        self.model, self._owns_model = resolve_model(model, base_url=base_url, api_key=api_key)  # close what we made
-        self.limits = limits or Limits()
-        self.max_result_chars = check_result_limit(max_result_chars, "max_result_chars")
-        self.trace_content = trace_content
-        self.deps = deps  # handed to tools through their `RunContext` parameter
-        self.output_retries = output_retries  # invalid typed answers sent back before OutputValidationError
+        config = RunConfig(
+            tool_choice, max_turns, parallel_tool_calls, max_concurrency, max_identical_calls, on_approval,
+            limits or Limits(), max_result_chars, context_window, history, trace_content, deps, output_retries,
+            settings,
+        )
+        model, owns_model = resolve_model(model, base_url=base_url, api_key=api_key)  # close what we made
+        self._setup(model, owns_model, config, [{"role": "system", "content": system}] if system else [])
+        self._register_first(list(tools), code_interpreter)
+
+    def _setup(
+        self, model: ChatModel, owns_model: bool, config: RunConfig, messages: list[dict[str, Any]]
+    ) -> None:
+        self.model, self._owns_model = model, owns_model
+        self.config = config
+        self.messages = messages
         self.last_usage, self._past_usage = Usage(), Usage()
-        self._context = ContextBudget(self.model, context_window, history)
-        self.messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
-        self.tool_choice = tool_choice
-        self.max_turns = max_turns
-        self.parallel_tool_calls = parallel_tool_calls
-        self.max_concurrency = 1 if not parallel_tool_calls else max_concurrency
-        self.settings = settings
         self._tools: dict[str, Tool] = {}
-        self._resources: list[Any] = []  # MCP sessions, OpenAPI clients: closed with the conversation
-        self._gate = ApprovalGate(self._tools, None)
+        self._sources: list[ToolSource] = []  # MCP sessions, OpenAPI clients: closed with the conversation
         self._interpreter: PythonTool | None = None
         self._run_start = 0  # where the current (or last) run's messages begin
-        self.on_approval = on_approval
         self._running = False  # one run at a time: two would interleave their messages
-        self._register_first(list(tools), code_interpreter)
+        self.last_end: RunEnd | None = None  # how the last run ended (answer, paused, limit, error, cancelled)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The sampling settings sent with every request (a copy: assign to change them)."""
+        return dict(self.config.request)
+
+    @settings.setter
+    def settings(self, value: Mapping[str, Any]) -> None:
+        self.config = self.config.replace(request=dict(value))
+
+    @property
+    def max_concurrency(self) -> int | None:
+        """How many calls of one turn run at once (None: all; 1 when `parallel_tool_calls` is off)."""
+        return self.config.concurrency
+
+    @max_concurrency.setter
+    def max_concurrency(self, value: int | None) -> None:
+        self.config = self.config.replace(max_concurrency=value)
 
     def _register_first(
         self, tools: list[Callable[..., Any] | Tool | Mapping[str, Any]], code_interpreter: Any
@@ -173,9 +204,7 @@ class Conversation:
         """Start an MCP server (`command=[...]`, stdio) or reach one (`url=...`, streamable HTTP) and register its
         tools. Options: `env`, `cwd`, `headers`, `prefix` (before each tool name), `timeout`, `call_timeout`.
         The session closes with the conversation."""
-        integration = _integration("mcp", "mcp")
-        connection = await integration.MCPConnection.open(command, **options)
-        return await self._adopt(connection, connection.tools)
+        return await self.aregister_source(await integrations.open_mcp(command, **options))
 
     def register_openapi(self, spec: Mapping[str, Any] | str | os.PathLike[str], **options: Any) -> list[Tool]:
         """Make an OpenAPI service's operations tools of this conversation; see `aregister_openapi`."""
@@ -184,19 +213,19 @@ class Conversation:
     async def aregister_openapi(self, spec: Mapping[str, Any] | str | os.PathLike[str], **options: Any) -> list[Tool]:
         """Register a tool per operation of an OpenAPI 3.x document (a dict, a file, or a URL). Options:
         `base_url`, `headers`, `include` (operationIds or a predicate), `timeout`, `max_response_chars`."""
-        integration = _integration("openapi", "openapi")
-        service = await integration.openapi_tools(spec, **options)
-        return await self._adopt(service, service.tools)
+        return await self.aregister_source(await integrations.open_openapi(spec, **options))
 
-    async def _adopt(self, resource: Any, tools: list[Tool]) -> list[Tool]:
-        """Register all of `tools` or none, and close `resource` with the conversation."""
+    async def aregister_source(self, source: ToolSource) -> list[Tool]:
+        """Register all of a tool source's tools or none (a name clash closes it), and close the source with the
+        conversation. A source is anything with `tools` and `aclose()` (see `functionary_agent.integrations`)."""
+        tools = list(source.tools)
         clash = sorted({tool.name for tool in tools} & set(self._tools))
         if clash:
-            await resource.aclose()
+            await source.aclose()
             raise ToolDefinitionError(f"tools named {', '.join(clash)} are already registered; pass prefix=...")
         for new in tools:
             self.register(new)
-        self._resources.append(resource)
+        self._sources.append(source)
         return tools
 
     def as_tool(self, name: str, description: str, *, output_type: Any = None, max_depth: int = 3) -> Tool:
@@ -214,15 +243,10 @@ class Conversation:
     def fork(self) -> Conversation:
         """A copy for one independent run: the same model, tools (and sandbox), settings and run controls, its own
         copy of the messages (during a run, those from before it). Closing it closes nothing of this one's."""
-        fork = Conversation(
-            self.model, tools=self.tools, tool_choice=self.tool_choice, max_turns=self.max_turns,
-            parallel_tool_calls=self.parallel_tool_calls, max_concurrency=self.max_concurrency,
-            on_approval=self.on_approval, limits=self.limits, max_result_chars=self.max_result_chars,
-            context_window=self._context.context_window, history=self._context.history,
-            trace_content=self.trace_content, deps=self.deps, output_retries=self.output_retries, **self.settings,
-        )
         settled = self.messages[: self._run_start] if self._running else self.messages  # not a run in flight
-        fork.messages = [dict(message) for message in settled]
+        fork = Conversation.__new__(Conversation)
+        fork._setup(self.model, False, dataclasses.replace(self.config), [dict(message) for message in settled])
+        fork._tools.update(self._tools)
         return fork
 
     def unregister(self, name: str) -> None:
@@ -253,14 +277,15 @@ class Conversation:
         """Add `content` as a user message (None continues the chat as it is) and return the final answer: the
         text, or with `output_type` (a pydantic model, dataclass, TypedDict, or a type such as `int`,
         `list[str]`, `Literal[...]`) a validated value of that type. Raises `ApprovalRequired` when a call waits
-        for a person and no `on_approval` callback decides."""
+        for a person and no `on_approval` callback decides. `last_end` says how the run ended (a cut answer:
+        `last_end.truncated`)."""
         run = self._run(content, stream=False, answer=self._answer_rule(output_type))
         return await self._final(run, typed=output_type is not None)
 
     async def aresume(self, decisions: Mapping[str, Decision], *, output_type: Any = None) -> Any:
         """Go on with a run paused by `ApprovalRequired`: `decisions` maps each waiting call's id to True (run
         it), False or a reason string (decline). Returns the final answer as `asubmit` does."""
-        check_decisions(self._gate, pending_calls(self.messages), decisions)
+        check_decisions(self._gate(), pending_calls(self.messages), decisions)
         answer = self._answer_rule(output_type)
         run = self._run(None, stream=False, answer=answer, decisions=decisions)
         return await self._final(run, typed=output_type is not None)
@@ -270,27 +295,15 @@ class Conversation:
         return _sync.run(self.aresume(decisions, output_type=output_type))
 
     @property
-    def on_approval(self) -> ApprovalCallback | None:
-        """Decides calls that need a yes: `fn(call)` (sync or async) returns True, False or a reason to decline
-        with; None pauses the run instead (`ApprovalRequired`, then `resume`)."""
-        return self._on_approval
-
-    @on_approval.setter
-    def on_approval(self, callback: ApprovalCallback | None) -> None:
-        if callback is not None and not callable(callback):
-            raise ConfigurationError(f"on_approval must be a function of the call, got {type(callback).__name__}")
-        self._on_approval = callback
-        self._gate.callback = off_the_loop(callback) if callback is not None else None
-
-    @property
     def pending_approvals(self) -> list[PendingCall]:
         """The calls a paused run waits on (empty when none waits)."""
-        return [PendingCall.of(call) for call in pending_calls(self.messages) if self._gate.needs_approval(call)]
+        gate = self._gate()
+        return [PendingCall.of(call) for call in pending_calls(self.messages) if gate.needs_approval(call)]
 
     @staticmethod
     async def _final(events: AsyncIterator[Event], *, typed: bool) -> Any:
         final = FinalAnswer("")
-        async with _closing(events) as running:  # closed at once, even when a pause raises
+        async with _sync.closing(events) as running:  # closed at once, even when a pause raises
             async for event in running:
                 if isinstance(event, ApprovalRequested):
                     raise ApprovalRequired(event.calls)
@@ -307,10 +320,11 @@ class Conversation:
     def submit(self, content: Content = None, *, output_type: Any = None, display: bool | None = None) -> Any:
         """`asubmit` from sync code. In a Jupyter notebook the run is shown as it happens; `display=False`
         turns that off, `display=True` forces it (None: only in a notebook)."""
-        from functionary_agent import notebook  # small, and it imports IPython only to display
-
-        if output_type is None and (notebook.in_notebook() if display is None else display):
-            return notebook.submit_with_display(self, content)
+        hook = display_hook()
+        if display and hook is None:
+            raise ConfigurationError("display=True needs a notebook front end: import functionary_agent.notebook")
+        if output_type is None and hook is not None and (hook.in_notebook() if display is None else display):
+            return hook.submit(self, content)
         return _sync.run(self.asubmit(content, output_type=output_type))
 
     def stream(self, content: Content = None, *, output_type: Any = None) -> Iterator[Event]:
@@ -323,43 +337,37 @@ class Conversation:
             raise ToolDefinitionError(
                 f"a tool named {FINAL_RESULT!r} clashes with the reserved tool that carries typed answers; rename it"
             )
-        return TypedAnswer(output_type, self.output_retries)
+        return TypedAnswer(output_type, self.config.output_retries)
 
     async def _run(
         self, content: Content, *, stream: bool, answer: AnswerRule, decisions: Mapping[str, Decision] | None = None
     ) -> AsyncIterator[Event]:
         with self._running_alone():
             self._start_run(content, resuming=decisions is not None)
-            tracer = RunTracer(model_label(self.model), content=self.trace_content)
-            runner = CallRunner(
-                self._tools, RepeatGuard(), tracer, self.max_concurrency, self.max_result_chars, self._run_context
-            )
-            tool_choice = answer.first_choice(self.tool_choice)
-            calls = pending_calls(self.messages) if decisions is not None else None  # a paused run goes on
-            with tracer.run_span() as run_span:
-                for _ in range(self.max_turns):
-                    if calls is None:
-                        verdict = Verdict()
-                        async with _closing(self._turn(tool_choice, stream, tracer, answer)) as turn:
-                            async for item in turn:
-                                if isinstance(item, Verdict):
-                                    verdict = item
-                                else:
-                                    yield item
-                        run_span.finish(self.last_usage)
-                        if verdict.final is not None:
-                            yield verdict.final
-                            return
-                        calls = verdict.calls
-                    results: dict[int, ToolResult] = {}
-                    async with _closing(self._call(calls, runner, results, decisions)) as running:
-                        async for event in running:
-                            yield event
-                            if isinstance(event, ApprovalRequested):
-                                return
-                    calls, decisions = None, None
-                    tool_choice = answer.next_choice(bool(results) and all(r.repeated for r in results.values()))
-                raise MaxTurnsExceeded(self.max_turns)
+            deps = self._run_deps(stream)
+            state = RunState(answer, self.last_usage, answer.first_choice(self.config.tool_choice))
+            if decisions is not None:  # a paused run goes on with its waiting calls
+                state.calls, state.decisions = pending_calls(self.messages), decisions
+            try:
+                async with _sync.closing(run_loop(deps, state)) as events:
+                    async for event in events:
+                        yield event
+            finally:
+                self.last_end = state.end
+
+    def _run_deps(self, stream: bool) -> RunDeps:
+        """What a run works with, from the settings as they are when it starts."""
+        config = self.config
+        tracer = RunTracer(model_label(self.model), content=config.trace_content)
+        runner = CallRunner(
+            self._tools, RepeatGuard(), tracer, config.concurrency, config.max_result_chars, self._run_context
+        )
+        budget = ContextBudget(self.model, config.context_window, config.history)
+        return RunDeps(self.model, config, self._tools, self.messages, self._gate(), budget, runner, tracer, stream)
+
+    def _gate(self) -> ApprovalGate:
+        callback = self.config.on_approval
+        return ApprovalGate(self._tools, off_the_loop(callback) if callback is not None else None)
 
     def _start_run(self, content: Content, *, resuming: bool) -> None:
         """A new run starts its usage afresh (a resumed one keeps counting) and may not leave calls unanswered."""
@@ -371,31 +379,6 @@ class Conversation:
             self._run_start = len(self.messages)
         if content is not None:
             self.messages.append({"role": "user", "content": content})
-
-    def _take(self, message: AssistantMessage | None) -> AssistantMessage:
-        """Record a model turn: its message joins the chat and its usage the run's."""
-        if message is None:
-            raise ModelError(f"{type(self.model).__name__} ended its stream without an assistant message")
-        self.last_usage.add_response(message.usage)
-        self.messages.append(message.to_dict())
-        return message
-
-    async def _turn(
-        self, tool_choice: ToolChoice, stream: bool, tracer: RunTracer, answer: AnswerRule
-    ) -> AsyncIterator[Event | Verdict]:
-        """One model turn within the run's limits: its events, then the verdict on its message (added to the chat
-        with its notes)."""
-        self.limits.check_request(self.last_usage)
-        message = None
-        async with _closing(self._ask(tool_choice, stream, tracer, answer)) as asking:
-            async for item in asking:
-                if isinstance(item, AssistantMessage):
-                    message = item
-                else:
-                    yield item
-        verdict = answer.judge(self._take(message))
-        self.messages += verdict.notes
-        yield verdict
 
     @contextmanager
     def _running_alone(self) -> Iterator[None]:
@@ -411,86 +394,8 @@ class Conversation:
         finally:
             self._running = False
 
-    async def _ask(
-        self, tool_choice: ToolChoice, stream: bool, tracer: RunTracer, answer: AnswerRule
-    ) -> AsyncIterator[Event | AssistantMessage]:
-        """One model turn; in stream mode its deltas become events (not those of the answer's own tool), and the
-        message comes last."""
-        tools = self.tool_specs() + answer.tool_specs()
-        request: dict[str, Any] = {**self.settings, "tools": tools, "tool_choice": tool_choice}
-        if not self.parallel_tool_calls:
-            request["parallel_tool_calls"] = False
-        messages = await self._context.fit(self.messages, request["tools"], request)
-        with tracer.request_span(messages, tool_choice) as span:
-            if not stream:
-                message = await self.model.acomplete(messages, **request)
-                span.finish(message)
-                yield message
-                return
-            async with _closing(self._streamed(messages, request, answer.hidden_tools)) as items:
-                async for item in items:
-                    if isinstance(item, AssistantMessage):
-                        span.finish(item)
-                    yield item
-
-    async def _streamed(
-        self, messages: list[dict[str, Any]], request: dict[str, Any], hidden_tools: frozenset[str]
-    ) -> AsyncIterator[Event | AssistantMessage]:
-        """The model's deltas as events, the message last; calls of `hidden_tools` make no events."""
-        call_ids: dict[int, str] = {}
-        hidden: set[int] = set()
-        async with _closing(self.model.astream(messages, **request)) as deltas:
-            async for item in deltas:
-                if isinstance(item, AssistantMessage):
-                    yield item
-                    continue
-                for event in _delta_events(item, call_ids):
-                    if isinstance(event, ToolCallStarted) and event.name in hidden_tools:
-                        hidden.add(event.index)
-                    if not (isinstance(event, (ToolCallStarted, ToolCallArgumentsDelta)) and event.index in hidden):
-                        yield event
-
-    async def _call(
-        self,
-        calls: Sequence[ToolCall],
-        runner: CallRunner,
-        results: dict[int, ToolResult],
-        decisions: Mapping[str, Decision] | None,
-    ) -> AsyncIterator[ToolResult | ApprovalRequested]:
-        """Run a turn's calls within the run's tool-call budget, once approved. Every call gets its tool message,
-        in the model's order, even one cut short by cancellation, so the message list stays valid; a call that
-        waits for a person pauses the run before any call runs, with no tool message yet."""
-        if not calls:
-            return
-        self._check_call_budget(calls)
-        review = await self._gate.review(calls, decisions)
-        if review.waiting:
-            yield ApprovalRequested(review.waiting)
-            return
-        self.last_usage.tool_calls += len(calls)
-        for index, note in review.declined.items():
-            results[index] = ToolResult(calls[index].id, calls[index].name, calls[index].arguments, note, True)
-            yield results[index]
-        running = runner.run([calls[i] for i in review.run], results, positions=review.run)
-        try:
-            async with _closing(running):
-                async for result in running:
-                    yield result
-        finally:
-            self.messages += [
-                tool_message(call, results[index].content if index in results else CANCELLED)
-                for index, call in enumerate(calls)
-            ]
-
-    def _check_call_budget(self, calls: Sequence[ToolCall]) -> None:
-        if not self.limits.calls_allowed(self.last_usage, len(calls)):
-            exceeded = self.limits.tool_calls_exceeded(self.last_usage, len(calls))
-            note = f"Error: not run: this run reached its tool-call limit ({exceeded.limit}={exceeded.value})"
-            self.messages += [tool_message(call, note) for call in calls]
-            raise exceeded
-
     def _run_context(self, call: ToolCall) -> RunContext[Any]:
-        return RunContext(self.deps, call.id, self.last_usage, self)
+        return RunContext(self.config.deps, call.id, self.last_usage, self)
 
     @property
     def usage(self) -> Usage:
@@ -503,8 +408,8 @@ class Conversation:
         client it created); a model or sandbox passed in stays open. Every one is closed even when some fail:
         one failure is raised as it is, several as a `CloseError` holding them all."""
         closers: list[Callable[[], Awaitable[object]]] = [self._interpreter.aclose] if self._interpreter else []
-        resources, self._resources = self._resources, []
-        closers += [resource.aclose for resource in resources]
+        sources, self._sources = self._sources, []
+        closers += [source.aclose for source in sources]
         if self._owns_model:
             closers.append(self.model.aclose)
         await _close_all(closers)
@@ -528,15 +433,13 @@ class Conversation:
     def __repr__(self) -> str:
         return f"<Conversation with {self.model!r}: {len(self.messages)} messages, tools: {', '.join(self._tools)}>"
 
-    def _repr_markdown_(self) -> str:
-        from functionary_agent.notebook import render_markdown
+    def _repr_markdown_(self) -> str | None:
+        hook = display_hook()  # registered by the notebook front end, which IPython's display implies
+        return hook.markdown(self) if hook is not None else None
 
-        return render_markdown(self.messages)
-
-    def _repr_html_(self) -> str:
-        from functionary_agent.notebook import image_resolver, render_html
-
-        return render_html(self.messages, resolve_image=image_resolver(self))
+    def _repr_html_(self) -> str | None:
+        hook = display_hook()
+        return hook.html(self) if hook is not None else None
 
     # -- persistence -------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -559,21 +462,6 @@ class Conversation:
         return conversation
 
 
-T = TypeVar("T")
-
-
-@asynccontextmanager
-async def _closing(iterator: AsyncIterator[T]) -> AsyncIterator[AsyncIterator[T]]:
-    """Close an async generator when the block ends: leaving a run early must cancel what it started now, not
-    whenever the garbage collector gets to it."""
-    try:
-        yield iterator
-    finally:
-        aclose = getattr(iterator, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-
 async def _close_all(closers: Sequence[Callable[[], Awaitable[object]]]) -> None:
     """Call every closer, then raise: the one failure as it is, or a `CloseError` listing several."""
     failures: list[Exception] = []
@@ -586,46 +474,3 @@ async def _close_all(closers: Sequence[Callable[[], Awaitable[object]]]) -> None
         raise failures[0]
     if failures:
         raise CloseError(failures) from failures[0]
-
-
-def _delta_events(delta: Mapping[str, Any], call_ids: dict[int, str]) -> Iterator[Event]:
-    """A model's delta -> events; `call_ids` maps each call index seen so far to its id. A delta without
-    `index` (some servers omit it) is placed the way the OpenAI-compatible engine places it."""
-    if delta.get("content"):
-        yield TextDelta(delta["content"])
-    for part in delta.get("tool_calls") or ():
-        index = part.get("index")
-        if index is None:
-            index = stream_call_index(call_ids, part.get("id") or None)
-        function = part.get("function") or {}
-        if index not in call_ids:
-            call_ids[index] = part.get("id") or ""
-            yield ToolCallStarted(index, call_ids[index], function.get("name", ""))
-        if function.get("arguments"):
-            yield ToolCallArgumentsDelta(index, call_ids[index], function["arguments"])
-
-
-def _check_run_controls(
-    max_turns: int, max_concurrency: int | None, limits: object, context_window: int | None, history: object,
-    output_retries: int,
-) -> None:
-    if max_turns < 1:
-        raise ConfigurationError(f"max_turns must be at least 1, got {max_turns}")
-    if max_concurrency is not None and max_concurrency < 1:
-        raise ConfigurationError(f"max_concurrency must be at least 1 or None, got {max_concurrency}")
-    if limits is not None and not isinstance(limits, Limits):
-        raise ConfigurationError(f"limits must be a Limits(...), got {type(limits).__name__}")
-    if context_window is not None and (not isinstance(context_window, int) or context_window < 256):
-        raise ConfigurationError(f"context_window must be at least 256 tokens (or None), got {context_window!r}")
-    if history is not None and not callable(history):
-        raise ConfigurationError(f"history must be a function of the messages, got {type(history).__name__}")
-    if not isinstance(output_retries, int) or output_retries < 0:
-        raise ConfigurationError(f"output_retries must be 0 or more, got {output_retries!r}")
-
-
-def _integration(module: str, extra: str) -> Any:
-    """Import an optional integration, or say which extra installs it."""
-    try:
-        return importlib.import_module(f"functionary_agent.integrations.{module}")
-    except ImportError as exc:
-        raise ConfigurationError(f"{exc}; install it with: pip install 'functionary-agent[{extra}]'") from None

@@ -14,6 +14,22 @@ if TYPE_CHECKING:
     from functionary_agent._run.approvals import PendingCall
 
 
+__all__ = [
+    "ApprovalRequired",
+    "CloseError",
+    "ConfigurationError",
+    "ConversationBusyError",
+    "FormatError",
+    "FunctionaryAgentError",
+    "LimitExceeded",
+    "MaxTurnsExceeded",
+    "ModelError",
+    "OutputValidationError",
+    "ToolDefinitionError",
+    "UsageLimitExceeded",
+]
+
+
 class FunctionaryAgentError(Exception):
     """Root of every error this package raises on purpose."""
 

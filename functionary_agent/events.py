@@ -13,6 +13,17 @@ if TYPE_CHECKING:
     from functionary_agent._run.approvals import PendingCall
 
 
+__all__ = [
+    "ApprovalRequested",
+    "Event",
+    "FinalAnswer",
+    "TextDelta",
+    "ToolCallArgumentsDelta",
+    "ToolCallStarted",
+    "ToolResult",
+]
+
+
 @dataclass(frozen=True)
 class TextDelta:
     """A piece of the assistant's text."""
@@ -54,10 +65,13 @@ class ToolResult:
 @dataclass(frozen=True)
 class FinalAnswer:
     """The run is over: the assistant answered. With an `output_type`, `output` is the validated value and
-    `content` its JSON."""
+    `content` its JSON. `truncated` says the answer was cut short (the model hit `max_tokens`, or its text was cut
+    where it began to repeat itself); `finish_reason` is the model's own word for how it stopped."""
 
     content: str
     output: Any = None
+    finish_reason: str | None = None
+    truncated: bool = False
 
 
 @dataclass(frozen=True)

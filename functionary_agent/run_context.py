@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     from functionary_agent.conversation import Conversation
     from functionary_agent.usage import Usage
 
+__all__ = ["RunContext"]
+
+
 DepsT = TypeVar("DepsT")
 
 

@@ -13,14 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from functionary_agent.errors import ModelError
-from functionary_agent.models.base import (
-    AssistantMessage,
-    ChatModel,
-    StreamItem,
-    ToolCall,
-    ToolChoice,
-    message_deltas,
-)
+from functionary_agent.messages import AssistantMessage, ToolCall, ToolChoice
+from functionary_agent.models.base import ChatModel, StreamItem, message_deltas
+
+__all__ = ["Reply", "ReplyFunction", "ScriptedModel", "ScriptedRequest", "call", "to_message"]
+
 
 Reply = str | Mapping[str, Any] | AssistantMessage
 ReplyFunction = Callable[["ScriptedRequest"], Reply]

@@ -15,6 +15,8 @@ from typing import Any
 
 from functionary_agent.errors import ConfigurationError, UsageLimitExceeded
 
+__all__ = ["Limits", "Usage"]
+
 
 @dataclass
 class Usage:

@@ -12,8 +12,9 @@ import pytest
 from functionary_agent import ConfigurationError, Conversation
 from functionary_agent.errors import CloseError, ConversationBusyError, FunctionaryAgentError
 from functionary_agent.events import Event, FinalAnswer, ToolCallArgumentsDelta, ToolCallStarted, ToolResult
+from functionary_agent.messages import AssistantMessage, ToolCall
 from functionary_agent.models import embedded_model
-from functionary_agent.models.base import AssistantMessage, ChatModel, StreamItem, ToolCall
+from functionary_agent.models.base import ChatModel, StreamItem
 from functionary_agent.testing import ScriptedModel
 
 # -- one run at a time -----------------------------------------------------------------------------------
@@ -86,20 +87,20 @@ def test_close_attempts_every_resource_and_reports_every_failure() -> None:
     chat = Conversation(model)
     chat._owns_model = True  # as for a client the conversation created from base_url=...
     first, fine, second = Resource(RuntimeError("first broke")), Resource(), Resource(OSError("second broke"))
-    chat._resources.extend([first, fine, second])
+    chat._sources.extend([first, fine, second])
     with pytest.raises(CloseError) as info:
         chat.close()
     assert first.closed and fine.closed and second.closed and model.closed
     assert info.value.errors == [first.error, second.error]
     assert info.value.__cause__ is first.error
     assert "RuntimeError: first broke" in str(info.value) and "OSError: second broke" in str(info.value)
-    assert chat._resources == []
+    assert chat._sources == []
 
 
 def test_a_single_close_failure_is_raised_as_it_is_after_closing_the_rest() -> None:
     chat = Conversation(ScriptedModel([]))
     broken, fine = Resource(ValueError("broken")), Resource()
-    chat._resources.extend([broken, fine])
+    chat._sources.extend([broken, fine])
     with pytest.raises(ValueError, match=r"^broken$"):
         chat.close()
     assert fine.closed

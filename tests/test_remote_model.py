@@ -12,7 +12,7 @@ import pytest
 
 from functionary_agent import Conversation, ModelError, OpenAICompatibleModel
 from functionary_agent.events import FinalAnswer, ToolCallStarted, ToolResult
-from functionary_agent.models.base import AssistantMessage
+from functionary_agent.messages import AssistantMessage
 from tests.openai_server import ScriptedServer, chunk, function_call, reply
 
 WEATHER_TOOL = {

@@ -9,21 +9,29 @@ run; an error of the sub-run becomes the tool error the calling model reads. Nes
 from __future__ import annotations
 
 import contextvars
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import pydantic
 
 from functionary_agent.errors import LimitExceeded
 from functionary_agent.run_context import RunContext
 from functionary_agent.tools import Tool
+from functionary_agent.usage import Usage
 
-if TYPE_CHECKING:
-    from functionary_agent.conversation import Conversation
+
+class Agent(Protocol):
+    """What a tool needs of the conversation it runs: a copy for each task (a `Conversation` is one)."""
+
+    last_usage: Usage
+
+    def fork(self) -> Agent: ...
+
+    async def asubmit(self, content: str, *, output_type: Any = None) -> Any: ...
 
 _DEPTH: contextvars.ContextVar[int] = contextvars.ContextVar("functionary_agent_depth", default=0)
 
 
-def agent_tool(agent: Conversation, name: str, description: str, output_type: Any, max_depth: int) -> Tool:
+def agent_tool(agent: Agent, name: str, description: str, output_type: Any, max_depth: int) -> Tool:
     """The tool that runs `agent` on a task; see `Conversation.as_tool`."""
     dump = pydantic.TypeAdapter(output_type).dump_json if output_type is not None else None
 

@@ -23,15 +23,14 @@ from typing import Any
 
 import pydantic
 
-from functionary_agent._run.calls import tool_message
 from functionary_agent._schema import clean_schema
 from functionary_agent.errors import ConfigurationError, OutputValidationError
 from functionary_agent.events import FinalAnswer
-from functionary_agent.models.base import AssistantMessage, ToolCall, ToolChoice
+from functionary_agent.messages import AssistantMessage, ToolCall, ToolChoice, error_result, tool_message
 
 FINAL_RESULT = "final_result"
 _ACCEPTED = "The final answer was accepted."
-_NOT_RUN = "Error: not run: the final answer was given in the same turn"
+_NOT_RUN = error_result("not run: the final answer was given in the same turn")
 
 
 @dataclass
@@ -101,7 +100,8 @@ class TypedAnswer:
             value = self._validate(final.arguments)
         except pydantic.ValidationError as exc:
             self._spend_retry(final.arguments, exc)
-            note = f"Error: the final answer does not match its type:\n{_errors(exc)}\nCall {FINAL_RESULT} again."
+            reason = f"the final answer does not match its type:\n{_errors(exc)}\nCall {FINAL_RESULT} again."
+            note = error_result(reason)
             answer = None
         else:
             note, answer = _ACCEPTED, self._final(value)

@@ -17,18 +17,18 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from functionary_agent.errors import ConfigurationError
-from functionary_agent.models.base import ToolCall
+from functionary_agent.messages import ToolCall, error_result
 from functionary_agent.tools import Tool, parse_arguments
 
 logger = logging.getLogger(__name__)
 
 Decision = bool | str  # True: run it; False or a reason: decline
-DECLINED = "Error: the user declined this call"
+DECLINED = error_result("the user declined this call")
 
 
 @dataclass(frozen=True)
@@ -89,9 +89,14 @@ class ApprovalGate:
             logger.debug("approval predicate of %s failed; asking", call.name, exc_info=True)
             return True
 
-    async def review(self, calls: Sequence[ToolCall], decisions: Mapping[str, Decision] | None = None) -> TurnApprovals:
+    async def review(
+        self, calls: Sequence[ToolCall], decisions: Mapping[str, Decision] | None = None, skip: Collection[int] = ()
+    ) -> TurnApprovals:
+        """Sort a turn's calls (those at positions in `skip` are answered otherwise and left out)."""
         review = TurnApprovals()
         for index, call in enumerate(calls):
+            if index in skip:
+                continue
             if not self.needs_approval(call):
                 review.run.append(index)
                 continue

@@ -11,15 +11,9 @@ from functionary_agent._run.repeats import RepeatGuard
 from functionary_agent._run.tracing import RunTracer
 from functionary_agent._text import head_and_tail
 from functionary_agent.events import ToolResult
-from functionary_agent.models.base import ToolCall
+from functionary_agent.messages import ToolCall, error_result
 from functionary_agent.run_context import RunContext
 from functionary_agent.tools import Tool
-
-CANCELLED = "Error: the call was cancelled before it finished"
-
-
-def tool_message(call: ToolCall, content: str) -> dict[str, Any]:
-    return {"role": "tool", "tool_call_id": call.id, "name": call.name, "content": content}
 
 
 @dataclass
@@ -62,7 +56,7 @@ class CallRunner:
             tool = self.tools.get(call.name)
             if tool is None:
                 available = ", ".join(sorted(self.tools)) or "none"
-                content = f"Error: unknown tool {call.name!r}. Available tools: {available}"
+                content = error_result(f"unknown tool {call.name!r}. Available tools: {available}")
                 result, transient = ToolResult(call.id, call.name, call.arguments, content, is_error=True), False
             else:
                 async with limit:

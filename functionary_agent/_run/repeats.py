@@ -10,9 +10,10 @@ retried. A turn made only of repeats ends the tool use: the conversation asks fo
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 from functionary_agent.events import ToolResult
-from functionary_agent.models.base import ToolCall
+from functionary_agent.messages import ToolCall
 
 FAILED_BEFORE = (
     "[Not run again: this identical call already failed in this run with the error above. Change the arguments, "
@@ -50,3 +51,20 @@ class RepeatGuard:
         if result.repeated or transient:
             return
         (self._failed if result.is_error else self._answered)[call_key(call)] = result.content
+
+
+def identical_in_turn(calls: Sequence[ToolCall], max_identical: int) -> dict[int, int]:
+    """Calls of one turn not to run: where more than `max_identical` calls are identical (a small model that
+    loops may send dozens), each copy after the first, mapped to the position of the first (which runs)."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for index, call in enumerate(calls):
+        groups.setdefault(call_key(call), []).append(index)
+    return {copy: where[0] for where in groups.values() if len(where) > max_identical for copy in where[1:]}
+
+
+def identical_note(first: ToolCall, copies: int, max_identical: int) -> str:
+    """What the model reads for each copy that was not run."""
+    return (
+        f"[Not run: this turn had {copies} identical {first.name} calls (more than max_identical_calls="
+        f"{max_identical}); only the first, call {first.id}, was handled. Its result is the answer to this one.]"
+    )

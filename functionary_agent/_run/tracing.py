@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from functionary_agent.events import ToolResult
-from functionary_agent.models.base import AssistantMessage, ToolCall
+from functionary_agent.messages import AssistantMessage, ToolCall
 from functionary_agent.usage import Usage
 
 logger = logging.getLogger("functionary_agent")

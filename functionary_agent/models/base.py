@@ -7,72 +7,17 @@ only index and arguments) and end with the whole `AssistantMessage`, so consumer
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 from functionary_agent import _sync
 from functionary_agent._openai_messages import new_call_id
+from functionary_agent.messages import AssistantMessage, ToolCall, ToolChoice
+from functionary_agent.messages import arguments_text as arguments_text  # engines import it from here too
 
-ToolChoice = Literal["auto", "none", "required"] | Mapping[str, Any]
 Delta = dict[str, Any]
-
-
-@dataclass
-class ToolCall:
-    """One call as the model emitted it; `arguments` is its JSON text, kept even when it is not valid JSON."""
-
-    id: str
-    name: str
-    arguments: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ToolCall:
-        """Tolerant of what servers and people write: the OpenAI shape or a flat {"name", "arguments"},
-        arguments as a dict or null, a missing id."""
-        nested = data.get("function")
-        function: Mapping[str, Any] = nested if isinstance(nested, Mapping) else data
-        return cls(
-            id=str(data.get("id") or new_call_id()),
-            name=str(function.get("name") or ""),
-            arguments=arguments_text(function.get("arguments")),
-        )
-
-
-def arguments_text(arguments: Any) -> str:
-    """Arguments as JSON text; servers sometimes send a dict or null instead of a string."""
-    if arguments is None:
-        return ""
-    if isinstance(arguments, str):
-        return arguments
-    return json.dumps(arguments, ensure_ascii=False)
-
-
-@dataclass
-class AssistantMessage:
-    """One assistant turn. Whether the loop goes on is decided by `tool_calls`, never by `finish_reason`."""
-
-    content: str | None = None
-    tool_calls: list[ToolCall] = field(default_factory=list)
-    finish_reason: str | None = None
-    usage: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        message: dict[str, Any] = {"role": "assistant", "content": self.content}
-        if self.tool_calls:
-            message["tool_calls"] = [call.to_dict() for call in self.tool_calls]
-        return message
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> AssistantMessage:
-        calls = [c if isinstance(c, ToolCall) else ToolCall.from_dict(c) for c in data.get("tool_calls") or ()]
-        usage = data.get("usage")
-        usage = dict(usage) if isinstance(usage, Mapping) else None
-        return cls(data.get("content"), calls, data.get("finish_reason"), usage)
 
 
 StreamItem = Delta | AssistantMessage
@@ -106,7 +51,7 @@ class DeltaAccumulator:
             self._text.append(delta["content"])
         for part in delta.get("tool_calls") or ():
             index = part.get("index")
-            if index is None:
+            if index is None:  # engines assemble raw server deltas here, before the seam places them
                 index = stream_call_index({i: c.id for i, c in self._calls.items()}, part.get("id") or None)
             call = self._calls.get(index)
             function = part.get("function") or {}
@@ -137,6 +82,32 @@ def message_deltas(message: AssistantMessage, chunk_size: int | None = None) -> 
             yield {"tool_calls": [{"index": index, "function": {"arguments": piece}}]}
 
 
+def _indexed_stream(astream: Callable[..., AsyncIterator[StreamItem]]) -> Callable[..., AsyncIterator[StreamItem]]:
+    """An engine's `astream` whose tool-call deltas always carry their `index`: the stream contract, kept here at
+    the seam once for every engine (some servers, and hand-written engines, leave it out)."""
+
+    @functools.wraps(astream)
+    async def indexed(self: ChatModel, *args: Any, **kwargs: Any) -> AsyncIterator[StreamItem]:
+        open_calls: dict[int, str | None] = {}
+        async for item in astream(self, *args, **kwargs):
+            if not isinstance(item, AssistantMessage) and item.get("tool_calls"):
+                item = {**item, "tool_calls": [_placed(part, open_calls) for part in item["tool_calls"]]}
+            yield item
+
+    indexed._indexed = True  # type: ignore[attr-defined]
+    return indexed
+
+
+def _placed(part: Mapping[str, Any], open_calls: dict[int, str | None]) -> dict[str, Any]:
+    """A tool-call delta with its index (placed by `stream_call_index` when missing); records the calls opened."""
+    index = part.get("index")
+    if index is None:
+        index = stream_call_index(open_calls, part.get("id") or None)
+    if index not in open_calls:
+        open_calls[index] = part.get("id") or None
+    return {**part, "index": index}
+
+
 class ChatModel:
     """Base of every engine: override `acomplete`, `astream`, or both; the sync twins run them for you."""
 
@@ -144,6 +115,9 @@ class ChatModel:
         super().__init_subclass__(**kwargs)
         if cls.acomplete is ChatModel.acomplete and cls.astream is ChatModel.astream:
             raise TypeError(f"{cls.__name__} must override acomplete or astream")
+        own = cls.__dict__.get("astream")
+        if own is not None and not getattr(own, "_indexed", False):
+            cls.astream = _indexed_stream(own)  # type: ignore[method-assign]
 
     async def acomplete(
         self,
