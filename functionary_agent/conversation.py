@@ -81,8 +81,9 @@ class Conversation:
     deps: Setting[Any] = Setting()  # handed to tools through their `RunContext` parameter
     output_retries: Setting[int] = Setting()  # invalid typed answers sent back before OutputValidationError
     on_approval: Setting[ApprovalCallback | None] = Setting()
-    """Decides calls that need a yes: `fn(call)` (sync or async) returns True, False or a reason to decline with;
-    None pauses the run instead (`ApprovalRequired`, then `resume`)."""
+    """Decides calls that need a yes: `fn(call)` (sync or async) returns True, False or a reason to decline with,
+    or None to leave the call waiting; no callback (None) pauses the run instead (`ApprovalRequired`, then
+    `resume`)."""
 
     def __init__(
         self,

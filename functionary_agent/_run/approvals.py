@@ -48,7 +48,7 @@ class PendingCall:
         return cls(call.id, call.name, readable_arguments(call.arguments) or {}, call.arguments)
 
 
-ApprovalCallback = Callable[[PendingCall], "Decision | Awaitable[Decision]"]
+ApprovalCallback = Callable[[PendingCall], "Decision | Awaitable[Decision | None] | None"]
 
 
 def readable_arguments(text: str) -> dict[str, Any] | None:
@@ -123,6 +123,8 @@ class ApprovalGate:
         except Exception as exc:  # a broken approval check must not let the call through
             logger.warning("the approval callback failed for %s: %s", call.name, exc)
             return f"the approval check failed ({type(exc).__name__}: {exc})"
+        if answer is None:  # no decision here: the call waits, as with no callback
+            return None
         return answer if isinstance(answer, (bool, str)) else bool(answer)
 
 
@@ -161,7 +163,7 @@ def off_the_loop(callback: ApprovalCallback) -> ApprovalCallback:
     if inspect.iscoroutinefunction(callback):
         return callback
 
-    async def threaded(call: PendingCall) -> Decision:
+    async def threaded(call: PendingCall) -> Decision | None:
         answer = await asyncio.to_thread(callback, call)
         return await answer if inspect.isawaitable(answer) else answer
 

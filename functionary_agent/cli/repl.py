@@ -77,6 +77,9 @@ class Repl:
             self.reporter.notice("[interrupted]")
         except FunctionaryAgentError as exc:
             self.reporter.notice(f"error: {exc}", error=True)
+        end = self.chat.last_end
+        if end is not None and end.truncated:
+            self.reporter.notice(f"[cut short (finish_reason={end.finish_reason}): the answer may be incomplete]")
 
     def _command(self, line: str) -> bool:
         """Run a slash command; False means leave."""
