@@ -3,10 +3,18 @@
 Real HTTP, real SSE, real dropped connections: the `openai` client in our remote model talks to it exactly as it
 would to vLLM or llama.cpp. Each request takes the next scripted action:
 
-- `reply(...)` / `{"json": body}`: a 200 JSON chat completion;
-- `{"sse": [chunk, ...]}`: a 200 event stream (optionally `"drop": True` to cut it after the chunks);
+- `reply(...)` / `{"json": body}`: a 200 JSON chat completion (`"cut_at": n` sends only its first n bytes, then
+  closes the connection, as a server killed mid-body);
+- `{"sse": [chunk, ...]}`: a 200 event stream (optionally `"drop": True` to cut it after the chunks, with no
+  `[DONE]`; `"stall": seconds` to send nothing more for that long after the chunks, as a stuck server); a chunk
+  that is a `str` is sent as it is (`"data: {not json\n\n"`);
 - `{"status": 500, "body": {...}, "headers": {...}}`: an error response;
 - `{"drop": True}`: close the connection without answering.
+
+`"until_close": True` on a JSON or SSE answer frames its body by closing the connection (no content-length, no
+chunked encoding), as simple servers and some proxies do: a client then sees a cut as a clean end of the body.
+`ScriptedServer(port=...)` listens on a given port (a server "back" after it died); `python -m tests.openai_server
+ACTIONS_JSON` runs one in its own process (prints its base URL, serves until killed).
 
 A request whose body is cut short (its client was killed after sending the headers) is neither recorded in
 `requests` nor handed to the handler or the script: it is noted in `cut_requests` (path, bytes announced, bytes
@@ -86,6 +94,7 @@ class ScriptedServer:
         actions: Iterable[Action] = (),
         handler: Callable[[dict[str, Any]], Action] | None = None,
         model_card: dict[str, Any] | None = None,
+        port: int = 0,
     ):
         self.model_card = {"id": "test-model", "object": "model", **(model_card or {})}  # what GET /models lists
         self.actions = list(actions)
@@ -94,7 +103,8 @@ class ScriptedServer:
         self.headers: list[dict[str, str]] = []
         self.cut_requests: list[tuple[str, int, int]] = []  # (path, content-length, bytes received)
         self._lock = threading.Lock()
-        self._httpd = _LoopbackServer(("127.0.0.1", 0), _make_handler(self))
+        self.closing = threading.Event()  # ends the stalls of scripted answers when the server stops
+        self._httpd = _LoopbackServer(("127.0.0.1", port), _make_handler(self))
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
 
@@ -108,6 +118,7 @@ class ScriptedServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.closing.set()
         self._httpd.shutdown()
         self._httpd.server_close()
 
@@ -175,11 +186,13 @@ class _Handler(BaseHTTPRequestHandler):
             action = {"sse": as_chunks(action["json"], include_usage=usage)}
         if "sse" in action:
             try:
-                self._send_sse(action["sse"], drop=action.get("drop", False))
+                self._send_sse(action)
             except (BrokenPipeError, ConnectionResetError):  # the client stopped reading (Ctrl-C, a test)
                 self.close_connection = True
         elif action.get("drop"):
             self.close_connection = True
+        elif "json" in action and ("cut_at" in action or action.get("until_close")):
+            self._send_json_framed_or_cut(action)
         elif "json" in action:
             self._send_json(200, action["json"])
         else:
@@ -195,17 +208,50 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _send_sse(self, chunks: list[dict[str, Any]], drop: bool) -> None:
+    def _send_json_framed_or_cut(self, action: Action) -> None:
+        """A JSON answer cut after `cut_at` bytes (the server died mid-body), or framed by closing the connection."""
+        data = json.dumps(action["json"]).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        if not action.get("until_close"):
+            self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data[: action.get("cut_at", len(data))])
+        self.wfile.flush()
+        self.close_connection = True
+
+    def _send_sse(self, action: Action) -> None:
+        drop, until_close = bool(action.get("drop")), bool(action.get("until_close"))
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
-        self.send_header("transfer-encoding", "chunked")
+        if not until_close:
+            self.send_header("transfer-encoding", "chunked")
         self.end_headers()
-        events = [f"data: {json.dumps(c)}\n\n" for c in chunks] + ([] if drop else ["data: [DONE]\n\n"])
+        events = [c if isinstance(c, str) else f"data: {json.dumps(c)}\n\n" for c in action["sse"]]
         for event in events:
-            data = event.encode()
-            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-            self.wfile.flush()
-        if drop:  # cut mid-stream: no terminating chunk
+            self._send_event(event, until_close)
+        if action.get("stall"):  # a stuck server: the connection stays open, nothing more comes
+            self.scripted.closing.wait(float(action["stall"]))
+        if not drop:
+            self._send_event("data: [DONE]\n\n", until_close)
+        if drop or until_close:  # cut mid-stream (no terminating chunk), or the end of a body framed by closing
             self.close_connection = True
             return
         self.wfile.write(b"0\r\n\r\n")
+
+    def _send_event(self, event: str, until_close: bool) -> None:
+        data = event.encode()
+        self.wfile.write(data if until_close else f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        self.wfile.flush()
+
+
+def main(argv: list[str]) -> None:
+    """`python -m tests.openai_server ACTIONS_JSON [PORT]`: serve the actions until killed; prints the base URL."""
+    actions = json.loads(argv[0]) if argv else []
+    with ScriptedServer(actions, port=int(argv[1]) if len(argv) > 1 else 0) as server:
+        print(server.base_url, flush=True)
+        threading.Event().wait()  # until the process is killed
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

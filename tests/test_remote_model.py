@@ -188,7 +188,7 @@ def test_conversation_end_to_end_over_http_submit_and_stream() -> None:
     assert [e.name for e in events if isinstance(e, ToolCallStarted)] == ["get_weather", "get_weather"]
     assert sorted(e.content for e in events if isinstance(e, ToolResult)) == [
         '{"location":"Hanoi","temperature":5}', '{"location":"Istanbul","temperature":8}']
-    assert events[-1] == FinalAnswer("Istanbul 8, Hanoi 5")
+    assert events[-1] == FinalAnswer("Istanbul 8, Hanoi 5", finish_reason="stop")
     assert server.requests[1]["messages"][2]["name"] == "get_weather"
 
 

@@ -3,20 +3,26 @@
 Retry policy (ours, through tenacity, not the SDK's): only what can recover is retried, namely timeouts, a
 connection that breaks mid-request, 408, 409, 429 and 5xx, up to `max_retries` more attempts (default 4), waiting
 `retry_initial_delay * 2**n` seconds (0.5, 1, 2, 4; at most `retry_max_delay`) plus jitter, or what the server's
-`Retry-After` / `retry-after-ms` asks (up to a minute). What cannot recover fails on the first attempt with one line
-that names the URL and what to check: a refused connection, a host name that does not resolve, a TLS failure, other
-4xx (a 404 from a base URL without a version segment suggests `.../v1`). A base URL that cannot work (no
-`http://`, no host, a bad port) is refused by the constructor. Connecting may take `min(timeout, 10)` seconds;
-answering, `timeout`.
+`Retry-After` / `retry-after-ms` asks. A server that asks for more than `max_retry_after` seconds (default a minute)
+is not waited for: the error says at once how long it asked for, as retrying sooner would only be refused again.
+What cannot recover fails on the first attempt with one line that names the URL and what to check: a refused
+connection, a host name that does not resolve, a TLS failure, other 4xx (a 404 from a base URL without a version
+segment suggests `.../v1`), a body that is not JSON. A base URL that cannot work (no `http://`, no host, a bad port)
+is refused by the constructor. Connecting may take `min(timeout, 10)` seconds; answering, `timeout` (for a stream:
+between two pieces of data).
 
 Streams are normalised here: real servers send `arguments: null`, split names over deltas, repeat or omit
 ids, send arguments as a dict, and say `finish_reason: "stop"` after calls; consumers see clean deltas only.
+Only opening a stream is retried. A stream that breaks off, stops sending for `timeout` seconds, sends a line that
+is not JSON or an error event, or ends without a `finish_reason` (a server killed mid-answer may just close the
+connection: no error, no `[DONE]`) raises `ModelError` before its message is made: no half answer is ever final.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import logging
 import os
 import re
@@ -57,13 +63,14 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _RETRY_STATUSES = frozenset({408, 409, 429})
-_RETRY_AFTER_CAP = 60.0
+_RETRY_AFTER_CAP = 60.0  # the default of `max_retry_after`
 _CONNECT_TIMEOUT_CAP = 10.0  # a host that drops packets costs this per attempt, not the whole `timeout`
 # A connection that broke after it was made (the server restarted, a proxy reset it) may work again; these are the
 # transport errors' class names in httpx and httpcore (openai 1.x) and in httpx2 and httpcore2 (openai 3.x).
 _RECOVERABLE_TRANSPORT_ERRORS = frozenset({"ReadError", "WriteError", "RemoteProtocolError"})
 _VERSION_SEGMENT = re.compile(r"v\d+\w*")  # /v1, /v1beta, /v4 ...
 _ENDPOINTS = ("/chat/completions", "/completions", "/models")
+_DROPPED = "the partial answer was dropped"
 
 
 class OpenAICompatibleModel(ChatModel):
@@ -71,8 +78,9 @@ class OpenAICompatibleModel(ChatModel):
 
     Settings come from the arguments or `FUNCTIONARY_BASE_URL`, `FUNCTIONARY_MODEL`, `FUNCTIONARY_API_KEY`.
     With no model name the server's first listed model is used (local servers usually serve one). `max_retries`,
-    `retry_initial_delay` and `retry_max_delay` set the retry policy (see the module's docstring); pass the model
-    to `Conversation(model)` to use them there. `ConfigurationError` for a base URL or setting that cannot work.
+    `retry_initial_delay`, `retry_max_delay` and `max_retry_after` set the retry policy (see the module's
+    docstring); pass the model to `Conversation(model)` to use them there. `ConfigurationError` for a base URL or
+    setting that cannot work.
     """
 
     def __init__(
@@ -85,12 +93,13 @@ class OpenAICompatibleModel(ChatModel):
         max_retries: int = 4,
         retry_initial_delay: float = 0.5,
         retry_max_delay: float = 20.0,
+        max_retry_after: float = _RETRY_AFTER_CAP,
         **settings: Any,
     ) -> None:
         base_url = base_url or os.environ.get("FUNCTIONARY_BASE_URL")
         if not base_url:
             raise ConfigurationError("OpenAICompatibleModel needs base_url=... or FUNCTIONARY_BASE_URL")
-        _check_retry_policy(timeout, max_retries, retry_initial_delay, retry_max_delay)
+        _check_retry_policy(timeout, max_retries, retry_initial_delay, retry_max_delay, max_retry_after)
         self.base_url = _checked_base_url(base_url)
         self.model = model or os.environ.get("FUNCTIONARY_MODEL") or None
         # Local servers need no key, but the SDK insists on one; never fall back to OPENAI_API_KEY, which
@@ -102,7 +111,8 @@ class OpenAICompatibleModel(ChatModel):
         backoff = wait_exponential(multiplier=retry_initial_delay, max=retry_max_delay) + wait_random(
             0, retry_initial_delay
         )
-        self._wait = _RetryAfterOrBackoff(backoff)
+        self.max_retry_after = max_retry_after
+        self._wait = _RetryAfterOrBackoff(backoff, max_retry_after)
         self.settings = settings
         self._clients: dict[asyncio.AbstractEventLoop, tuple[openai.AsyncOpenAI, _LoopPool]] = {}
         self._context_window: int | None = None  # asked once; 0: the server lists none
@@ -139,28 +149,55 @@ class OpenAICompatibleModel(ChatModel):
         stream = await self._with_retries(lambda: self._post_chat(request))
         normaliser, accumulator = _StreamNormaliser(), DeltaAccumulator()
         try:
-            while (chunk := await self._next_chunk(stream)) is not None:
+            while (chunk := await self._next_chunk(stream, normaliser.chunks)) is not None:
                 normaliser.chunks += 1
                 for delta in normaliser.feed(chunk):
                     accumulator.add(delta)
                     yield delta
         finally:
             await stream.close()
-        if not normaliser.chunks:  # e.g. a plain JSON body where an event stream was asked for
-            raise ModelError(f"{self.base_url} sent no stream chunks for a streaming request")
+        self._check_stream_finished(normaliser)
         for delta in normaliser.finish():
             accumulator.add(delta)
             yield delta
         yield replace(accumulator.message(normaliser.finish_reason), usage=normaliser.usage)
 
-    async def _next_chunk(self, stream: Any) -> Any:
-        """The next chunk, or None at the end; any transport failure mid-stream is the server's fault."""
+    async def _next_chunk(self, stream: Any, received: int) -> Any:
+        """The next chunk, or None at the end; any failure mid-stream is the server's, and ends the answer."""
         try:
             return await stream.__anext__()
         except StopAsyncIteration:
             return None
-        except Exception as exc:  # the SDK's transport errors have no common base class we can name
-            raise ModelError(f"the stream from {self.base_url} broke off: {_reason(exc)}") from exc
+        except json.JSONDecodeError as exc:
+            raise ModelError(
+                f"{self.base_url} sent a stream line that is not JSON after {_chunks(received)} ({exc.msg}): "
+                f"{_one_line(exc.doc)[:200]!r}; {_DROPPED}"
+            ) from exc
+        except openai.APITimeoutError as exc:
+            raise ModelError(
+                f"the stream from {self.base_url} stopped: no data for {self.timeout:g} s after {_chunks(received)} "
+                f"(is the server overloaded or stuck? a slow model needs more timeout); {_DROPPED}"
+            ) from exc
+        except openai.APIConnectionError as exc:
+            raise ModelError(
+                f"the stream from {self.base_url} broke off after {_chunks(received)}: {_transport_reason(exc)}; "
+                f"{_DROPPED}"
+            ) from exc
+        except openai.APIError as exc:  # an error event (`data: {"error": ...}`): the server gave up mid-answer
+            raise ModelError(f"{self.base_url} sent an error mid-stream: {_reason(exc)}; {_DROPPED}") from exc
+        except Exception as exc:  # anything else the SDK or its transport raises mid-stream
+            raise ModelError(f"the stream from {self.base_url} broke off: {_reason(exc)}; {_DROPPED}") from exc
+
+    def _check_stream_finished(self, normaliser: _StreamNormaliser) -> None:
+        """A stream that ended without a `finish_reason` was cut (a server killed mid-answer closes the connection
+        without an error or `[DONE]`): never let its first part pass for the whole answer."""
+        if not normaliser.chunks:  # e.g. a plain JSON body where an event stream was asked for
+            raise ModelError(f"{self.base_url} sent no stream chunks for a streaming request")
+        if normaliser.finish_reason is None:
+            raise ModelError(
+                f"the stream from {self.base_url} ended after {_chunks(normaliser.chunks)} without a finish_reason "
+                f"(the server closed the connection mid-answer?); {_DROPPED}"
+            )
 
     async def aclose(self) -> None:
         """Leave this loop's connection pool (closed with its last user); other (finished) loops are dropped."""
@@ -247,7 +284,7 @@ class OpenAICompatibleModel(ChatModel):
     async def _with_retries(self, send: Callable[[], Awaitable[T]]) -> T:
         """Retry what can recover (see the module's docstring); anything else fails at once, as one `ModelError`."""
         retrying = AsyncRetrying(
-            retry=retry_if_exception(_is_retryable),
+            retry=retry_if_exception(lambda exc: _is_retryable(exc, self.max_retry_after)),
             wait=self._wait,
             stop=stop_after_attempt(self.max_retries + 1),
             reraise=True,
@@ -262,6 +299,12 @@ class OpenAICompatibleModel(ChatModel):
         except openai.OpenAIError as exc:
             gave_up = f" (gave up after {attempts} attempts)" if attempts > 1 else ""
             raise ModelError(self._failure(exc) + gave_up) from exc
+        except json.JSONDecodeError as exc:  # a body cut short (the server died mid-body), or not an API at all
+            raise ModelError(
+                f"{self.base_url} answered with a body that is not valid JSON ({exc.msg}, character {exc.pos}): "
+                f"{_one_line(exc.doc)[:200]!r}; the server may have died mid-answer, or the URL is not an "
+                "OpenAI-compatible API"
+            ) from exc
         raise AssertionError("unreachable: tenacity either returns or re-raises")
 
     def _log_retry(self, state: RetryCallState) -> None:
@@ -276,10 +319,23 @@ class OpenAICompatibleModel(ChatModel):
         """One line: the URL, what went wrong, and what to check."""
         if isinstance(exc, openai.APIStatusError):
             hint = _not_found_hint(self.base_url) if exc.status_code == 404 else ""
-            return f"{self.base_url} answered {exc.status_code}: {_reason(exc)}{hint}"
+            return f"{self.base_url} answered {exc.status_code}: {_reason(exc)}{hint}{self._too_long_a_wait(exc)}"
+        if _broke_mid_answer(exc):
+            return f"the answer from {self.base_url} broke off: {_transport_reason(exc)}"
         if isinstance(exc, openai.APIConnectionError):
             return f"cannot reach {self.base_url}: {self._connection_problem(exc)}"
         return f"request to {self.base_url} failed: {_reason(exc)}"
+
+    def _too_long_a_wait(self, exc: openai.APIStatusError) -> str:
+        """For a server that asks for a longer wait than this client gives (Retry-After: 3600): that it was not
+        waited for, and what to do."""
+        asked = _asked_delay(exc.response.headers)
+        if asked is None or asked <= self.max_retry_after or not _retryable_status(exc.status_code):
+            return ""
+        return (
+            f"; it asks to wait {asked:.0f} s before retrying, more than max_retry_after={self.max_retry_after:g} s, "
+            "so it was not retried: try again later"
+        )
 
     def _connection_problem(self, exc: openai.APIConnectionError) -> str:
         parts = urlsplit(self.base_url)
@@ -353,7 +409,9 @@ def _checked_base_url(base_url: str) -> str:
     return url
 
 
-def _check_retry_policy(timeout: float, max_retries: int, initial_delay: float, max_delay: float) -> None:
+def _check_retry_policy(
+    timeout: float, max_retries: int, initial_delay: float, max_delay: float, max_retry_after: float
+) -> None:
     if not timeout > 0:
         raise ConfigurationError(f"timeout must be a positive number of seconds, got {timeout!r}")
     if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
@@ -363,20 +421,38 @@ def _check_retry_policy(timeout: float, max_retries: int, initial_delay: float, 
             f"retry delays must be 0 or more seconds, got retry_initial_delay={initial_delay!r}, "
             f"retry_max_delay={max_delay!r}"
         )
+    if isinstance(max_retry_after, bool) or not (isinstance(max_retry_after, (int, float)) and max_retry_after >= 0):
+        raise ConfigurationError(f"max_retry_after must be 0 or more seconds, got {max_retry_after!r}")
 
 
-def _is_retryable(exc: BaseException) -> bool:
-    """Timeouts, connections broken after they were made, 408, 409, 429 and 5xx: what waiting can fix."""
+def _is_retryable(exc: BaseException, max_retry_after: float) -> bool:
+    """Timeouts, connections broken after they were made, 408, 409, 429 and 5xx: what waiting can fix, unless the
+    server asks for a longer wait than `max_retry_after`."""
     if isinstance(exc, openai.APIStatusError):
-        return exc.status_code in _RETRY_STATUSES or exc.status_code >= 500
+        asked = _asked_delay(exc.response.headers)
+        return _retryable_status(exc.status_code) and (asked is None or asked <= max_retry_after)
     if isinstance(exc, openai.APITimeoutError):
         return True
-    if isinstance(exc, openai.APIConnectionError):  # refused, unresolvable, TLS, a bad URL: waiting cannot help
-        return any(
-            type(cause).__name__ in _RECOVERABLE_TRANSPORT_ERRORS and type(cause).__module__.startswith("http")
-            for cause in _causes(exc)
-        )
-    return False
+    return _broke_mid_answer(exc)  # refused, unresolvable, TLS, a bad URL: waiting cannot help
+
+
+def _retryable_status(status: int) -> bool:
+    return status in _RETRY_STATUSES or status >= 500
+
+
+def _broke_mid_answer(exc: BaseException) -> bool:
+    """A connection that was made and then broke (reset, closed mid-body): the server went away mid-answer."""
+    return isinstance(exc, openai.APIConnectionError) and not isinstance(exc, openai.APITimeoutError) and any(
+        type(cause).__name__ in _RECOVERABLE_TRANSPORT_ERRORS and type(cause).__module__.startswith("http")
+        for cause in _causes(exc)
+    )
+
+
+def _transport_reason(exc: BaseException) -> str:
+    """What the transport said (`peer closed connection without sending complete message body ...`) rather than
+    the SDK's bare "Connection error."."""
+    transport = next((cause for cause in _causes(exc)[1:] if str(cause)), None)
+    return _one_line(transport) if transport is not None else _reason(exc)
 
 
 def _causes(exc: BaseException) -> list[BaseException]:
@@ -406,17 +482,17 @@ def _not_found_hint(base_url: str) -> str:
 
 
 class _RetryAfterOrBackoff:
-    """Honour a server's `retry-after-ms` or `Retry-After` (seconds or an HTTP date), up to a minute; otherwise
-    exponential backoff with jitter."""
+    """Honour a server's `retry-after-ms` or `Retry-After` (seconds or an HTTP date), up to `cap` seconds (a longer
+    wait is not retried at all: see `_is_retryable`); otherwise exponential backoff with jitter."""
 
-    def __init__(self, backoff: Callable[[RetryCallState], float]) -> None:
-        self._backoff = backoff
+    def __init__(self, backoff: Callable[[RetryCallState], float], cap: float) -> None:
+        self._backoff, self._cap = backoff, cap
 
     def __call__(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
         response = getattr(exc, "response", None)
         asked = _asked_delay(response.headers) if response is not None else None
-        return min(max(asked, 0.0), _RETRY_AFTER_CAP) if asked is not None else self._backoff(state)
+        return min(max(asked, 0.0), self._cap) if asked is not None else self._backoff(state)
 
 
 def _asked_delay(headers: Mapping[str, str]) -> float | None:
@@ -446,6 +522,10 @@ def _reason(exc: BaseException) -> str:
     cause = exc.__cause__ or exc.__context__
     text = str(exc)
     return _one_line(f"{text} ({cause})" if cause and str(cause) not in text else text)
+
+
+def _chunks(count: int) -> str:
+    return f"{count} chunk" if count == 1 else f"{count} chunks"
 
 
 def _one_line(text: object) -> str:
