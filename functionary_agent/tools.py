@@ -1,8 +1,9 @@
 """Python callables become tools: a JSON schema the model reads, and a safe way to run what it sends back.
 
-The schema comes from the signature's type hints and the docstring (through pydantic and docstring-parser), so
-what the model is told and what is validated can never drift apart: the same pydantic model does both. Running a
-call never raises (cancellation aside): every fault becomes text the model can read and act on.
+`Tool`, the `@tool` decorator and tool names live here. The schema comes from the signature's type hints and the
+docstring (`_function_schema`), so what the model is told and what is validated can never drift apart: the same
+pydantic model does both. Running a call never raises (cancellation aside): every fault becomes text the model can
+read and act on. A sync tool runs in a daemon thread of its own (`_run.threads`), so it never blocks the loop.
 """
 
 from __future__ import annotations
@@ -11,35 +12,41 @@ import asyncio
 import contextvars
 import functools
 import inspect
-import itertools
 import json
 import logging
 import re
-import threading
 import time
 import typing
-import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Annotated, Any, TypeVar, overload
+from typing import Any, overload
 
-import docstring_parser
 import pydantic
 import pydantic_core
-from pydantic.fields import FieldInfo
 
+from functionary_agent._function_schema import Param, function_schema, qualname
+from functionary_agent._run.threads import in_daemon_thread
 from functionary_agent._schema import clean_schema
 from functionary_agent._text import shorten
 from functionary_agent.errors import ConfigurationError, ToolDefinitionError
-from functionary_agent.run_context import RunContext, is_run_context
+from functionary_agent.run_context import RunContext
+
+__all__ = [
+    "TOOL_NAME_PATTERN",
+    "Approval",
+    "Tool",
+    "ToolOutcome",
+    "check_result_limit",
+    "parse_arguments",
+    "result_to_text",
+    "tool",
+    "unique_tool_name",
+]
 
 logger = logging.getLogger(__name__)
 
 TOOL_NAME_PATTERN = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _REPR_LIMIT = 80
-# Sync calls running at once per event loop; a call abandoned after its timeout no longer counts.
-MAX_LIVE_TOOL_THREADS = 64
-T = TypeVar("T")
 Approval = bool | Callable[[dict[str, Any]], bool]  # does a call (by its arguments) need a person's yes?
 
 
@@ -51,14 +58,6 @@ class ToolOutcome:
     is_error: bool = False
     duration: float = 0.0
     transient: bool = False  # a fault that may pass (a timeout, a lost connection): an identical retry may work
-
-
-@dataclass(frozen=True)
-class _Param:
-    name: str
-    field: str  # field name inside the arguments model (params are aliased: `json`, `_x` are legal there)
-    positional_only: bool
-    run_context: bool = False  # filled from the run, not from the model's arguments
 
 
 class Tool:
@@ -79,7 +78,7 @@ class Tool:
         max_result_chars: int | None = None,
         approve: Approval = False,
         _arguments_model: type[pydantic.BaseModel] | None = None,
-        _params: tuple[_Param, ...] | None = None,
+        _params: tuple[Param, ...] | None = None,
     ) -> None:
         _check_name(name, handler)
         if timeout is not None and timeout <= 0:
@@ -119,23 +118,10 @@ class Tool:
         if name is None:
             name = getattr(fn, "__name__", None) or type(fn).__name__
         _check_name(name, fn)
-        doc = docstring_parser.parse(inspect.getdoc(fn) or "")
-        if description is None:
-            description = "\n\n".join(p for p in (doc.short_description, doc.long_description) if p)
-        if isinstance(parameter_schema, dict):
-            return cls(
-                name, description, clean_schema(parameter_schema), fn, timeout=timeout,
-                max_result_chars=max_result_chars, approve=approve,
-            )
-        if parameter_schema is not None:
-            params = tuple(_Param(f, f, False) for f in parameter_schema.model_fields)
-            model: type[pydantic.BaseModel] = parameter_schema
-        else:
-            model, params = _signature_model(fn, name, {p.arg_name: p.description for p in doc.params})
-        schema = _json_schema(model, fn, name)
+        schema = function_schema(fn, name, description, parameter_schema)
         return cls(
-            name, description, schema, fn, timeout=timeout, max_result_chars=max_result_chars, approve=approve,
-            _arguments_model=model, _params=params,
+            name, schema.description, schema.parameters, fn, timeout=timeout, max_result_chars=max_result_chars,
+            approve=approve, _arguments_model=schema.arguments_model, _params=schema.params,
         )
 
     @classmethod
@@ -211,7 +197,7 @@ class Tool:
             result = await self._within_timeout(self.handler(*args, **kwargs))
         else:
             call = functools.partial(contextvars.copy_context().run, self.handler, *args, **kwargs)
-            result = await self._within_timeout(_in_daemon_thread(call, self.name))
+            result = await self._within_timeout(in_daemon_thread(call, self.name))
         if inspect.isawaitable(result):  # async callable objects, partials and lambdas around coroutines
             result = await self._within_timeout(result)
         return result
@@ -330,108 +316,8 @@ def result_to_text(value: Any) -> str:
 def _check_name(name: str, fn: object) -> None:
     if not isinstance(name, str) or not TOOL_NAME_PATTERN.fullmatch(name):
         raise ToolDefinitionError(
-            f"tool name {name!r} (from {_qualname(fn)}) must match ^[a-zA-Z0-9_-]{{1,64}}$; pass name=... to rename it"
+            f"tool name {name!r} (from {qualname(fn)}) must match ^[a-zA-Z0-9_-]{{1,64}}$; pass name=... to rename it"
         )
-
-
-def _signature_model(
-    fn: Callable[..., Any], name: str, param_docs: Mapping[str, str | None]
-) -> tuple[type[pydantic.BaseModel], tuple[_Param, ...]]:
-    """One pydantic model for the parameters: the schema the model reads and the validator of what it sends."""
-    try:
-        signature = inspect.signature(fn)
-        hints = typing.get_type_hints(_annotated_target(fn), include_extras=True)
-    except (NameError, TypeError, ValueError) as exc:
-        raise ToolDefinitionError(f"cannot read the signature of {_qualname(fn)}: {exc}") from None
-    fields: dict[str, Any] = {}
-    params: list[_Param] = []
-    for index, param in enumerate(signature.parameters.values()):
-        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-            star = "*" if param.kind is param.VAR_POSITIONAL else "**"
-            raise ToolDefinitionError(
-                f"{_qualname(fn)}: parameter {star}{param.name} cannot be described to a model; use named parameters"
-            )
-        annotation = hints.get(param.name, Any)
-        if is_run_context(annotation):
-            params.append(_context_param(fn, param))
-            continue
-        default = ... if param.default is param.empty else param.default
-        description = None if _has_explicit_description(annotation) else param_docs.get(param.name)
-        field = f"p{index}"
-        if description:
-            info = pydantic.Field(default, alias=param.name, description=description)
-        else:  # description=None would erase the text of an Annotated Field
-            info = pydantic.Field(default, alias=param.name)
-        fields[field] = (annotation, info)
-        params.append(_Param(param.name, field, param.kind is param.POSITIONAL_ONLY))
-    config = pydantic.ConfigDict(extra="forbid", populate_by_name=False)
-    try:
-        model = pydantic.create_model(f"{name}_arguments", __config__=config, **fields)
-    except (pydantic.PydanticSchemaGenerationError, pydantic.PydanticUserError, TypeError) as exc:
-        raise _no_schema_error(fn, {info.alias: annotation for annotation, info in fields.values()}, exc) from None
-    return model, tuple(params)
-
-
-def _context_param(fn: Callable[..., Any], param: inspect.Parameter) -> _Param:
-    if param.default is not param.empty:
-        raise ToolDefinitionError(
-            f"{_qualname(fn)}: the RunContext parameter {param.name} must have no default; the run always fills it"
-        )
-    return _Param(param.name, "", param.kind is param.POSITIONAL_ONLY, run_context=True)
-
-
-def _annotated_target(fn: Callable[..., Any]) -> Any:
-    """Where the annotations live: a partial's function, a callable object's `__call__`."""
-    while isinstance(fn, functools.partial):
-        fn = fn.func
-    if inspect.isroutine(fn) or inspect.isclass(fn):
-        return fn
-    return type(fn).__call__
-
-
-def _has_explicit_description(annotation: Any) -> bool:
-    if typing.get_origin(annotation) is not Annotated:
-        return False
-    return any(
-        isinstance(meta, str) or (isinstance(meta, FieldInfo) and meta.description)
-        for meta in typing.get_args(annotation)[1:]
-    )
-
-
-def _json_schema(model: type[pydantic.BaseModel], fn: Callable[..., Any], name: str) -> dict[str, Any]:
-    try:
-        schema = model.model_json_schema(by_alias=True)
-    except (pydantic.PydanticInvalidForJsonSchema, pydantic.PydanticUserError, TypeError) as exc:
-        candidates = {field.alias or key: field.annotation for key, field in model.model_fields.items()}
-        raise _no_schema_error(fn, candidates, exc) from None
-    _apply_string_descriptions(schema, model)
-    schema = clean_schema(schema)
-    schema.setdefault("properties", {})
-    schema.pop("additionalProperties", None)
-    return schema
-
-
-def _apply_string_descriptions(schema: dict[str, Any], model: type[pydantic.BaseModel]) -> None:
-    """`Annotated[T, "text"]` is a common way to document a parameter; pydantic ignores bare strings."""
-    for field in model.model_fields.values():
-        texts = [meta for meta in field.metadata if isinstance(meta, str)]
-        prop = schema.get("properties", {}).get(field.alias)
-        if texts and isinstance(prop, dict) and not field.description:
-            prop["description"] = " ".join(texts)
-
-
-def _no_schema_error(fn: Callable[..., Any], candidates: Mapping[str, Any], exc: Exception) -> ToolDefinitionError:
-    """Name the parameter whose annotation has no JSON schema, trying each on its own."""
-    for param, annotation in candidates.items():
-        try:
-            pydantic.TypeAdapter(annotation).json_schema()
-        except Exception as reason:
-            first_line = str(reason).strip().splitlines()[0] if str(reason).strip() else type(reason).__name__
-            return ToolDefinitionError(
-                f"{_qualname(fn)}: parameter {param!r} has annotation {annotation!r} with no JSON schema "
-                f"({first_line}); use a JSON-compatible type (str, int, float, bool, list, dict, a pydantic model)"
-            )
-    return ToolDefinitionError(f"{_qualname(fn)}: its parameters have no JSON schema: {exc}")
 
 
 def _describe_validation_error(tool_name: str, exc: pydantic.ValidationError) -> str:
@@ -443,70 +329,3 @@ def _describe_validation_error(tool_name: str, exc: pydantic.ValidationError) ->
             line += f" (got {shorten(json.dumps(error['input'], default=repr), _REPR_LIMIT)})"
         lines.append(line)
     return f"invalid arguments for {tool_name}:\n" + "\n".join(lines)
-
-
-def _qualname(fn: object) -> str:
-    return getattr(fn, "__qualname__", None) or repr(fn)
-
-
-# -- sync tools run in daemon threads ---------------------------------------------------------------------
-# Not a ThreadPoolExecutor: the interpreter joins its workers at exit, so one stuck tool would keep the process
-# alive after its answer, and 64 stuck tools would starve every later call. A stuck thread cannot be stopped; a
-# daemon thread can at least be left behind: it finishes unobserved, its result is dropped, and it dies with the
-# process.
-_thread_numbers = itertools.count(1)
-_slots_lock = threading.Lock()
-_slots_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = weakref.WeakKeyDictionary()
-
-
-async def _in_daemon_thread(work: Callable[[], T], tool_name: str) -> T:
-    """Run `work` in a new daemon thread without blocking the loop. If the caller stops waiting (a timeout, a
-    cancelled run) the thread is abandoned: it frees its slot at once and its result is dropped."""
-    loop = asyncio.get_running_loop()
-    async with _live_thread_slots(loop):
-        future: asyncio.Future[T] = loop.create_future()
-        name = f"functionary-tool-{next(_thread_numbers)}"
-        thread = threading.Thread(target=_work_and_report, args=(work, loop, future), name=name, daemon=True)
-        thread.start()
-        try:
-            return await future
-        except asyncio.CancelledError:
-            if thread.is_alive():
-                logger.warning("tool %s is abandoned, still running in thread %s (Python cannot stop a thread); "
-                               "its result will be dropped", tool_name, name)
-            raise
-
-
-def _live_thread_slots(loop: asyncio.AbstractEventLoop) -> asyncio.Semaphore:
-    """The bound on sync calls that someone still waits for, one per event loop (asyncio primitives belong
-    to one loop)."""
-    with _slots_lock:
-        slots = _slots_by_loop.get(loop)
-        if slots is None:
-            slots = _slots_by_loop[loop] = asyncio.Semaphore(MAX_LIVE_TOOL_THREADS)
-        return slots
-
-
-def _work_and_report(work: Callable[[], T], loop: asyncio.AbstractEventLoop, future: asyncio.Future[T]) -> None:
-    """The thread's body: run the tool, then hand its result or exception to the loop."""
-    result: T | None = None
-    error: BaseException | None = None
-    try:
-        result = work()
-    except BaseException as exc:  # delivered to the awaiting task, which turns it into a message
-        error = exc
-    try:
-        loop.call_soon_threadsafe(_settle, future, result, error)
-    except RuntimeError:  # the loop is closed: nobody waits for this result any more
-        logger.debug("a tool thread finished after its event loop closed; result dropped")
-
-
-def _settle(future: asyncio.Future[T], result: T | None, error: BaseException | None) -> None:
-    if future.done():  # abandoned after a timeout or a cancellation: the result is dropped
-        return
-    if error is None:
-        future.set_result(typing.cast(T, result))
-    elif isinstance(error, StopIteration):  # a future refuses StopIteration (it would end a generator)
-        future.set_exception(RuntimeError(f"StopIteration: {error}"))
-    else:
-        future.set_exception(error)

@@ -176,7 +176,7 @@ def test_the_package_exports_no_stray_names() -> None:
 
 @pytest.mark.parametrize("module", [
     "functionary_agent.events", "functionary_agent.errors", "functionary_agent.messages", "functionary_agent.usage",
-    "functionary_agent.testing", "functionary_agent.run_context",
+    "functionary_agent.testing", "functionary_agent.tools", "functionary_agent.run_context",
     "functionary_agent.conversation", "functionary_agent.integrations", "functionary_agent.models",
 ])
 def test_each_public_module_declares_what_it_exports(module: str) -> None:

@@ -32,7 +32,7 @@ def never_set() -> Iterator[threading.Event]:
 
 
 def test_seventy_stuck_sync_tools_do_not_starve_a_later_call(never_set: threading.Event) -> None:
-    def stuck() -> str:
+    def stuck(n: int) -> str:  # each call distinct: identical calls in one turn would run once
         never_set.wait()
         return "never"
 
@@ -40,7 +40,7 @@ def test_seventy_stuck_sync_tools_do_not_starve_a_later_call(never_set: threadin
         return text.upper()
 
     model = ScriptedModel([
-        {"content": None, "tool_calls": [call("stuck", {}, id=f"s{i}") for i in range(STUCK_CALLS)]},
+        {"content": None, "tool_calls": [call("stuck", {"n": i}, id=f"s{i}") for i in range(STUCK_CALLS)]},
         {"content": None, "tool_calls": [call("quick", {"text": "still served"}, id="q")]},
         "done",
     ])
