@@ -49,7 +49,7 @@ from functionary_agent.tools import Approval, Tool
 from functionary_agent.usage import Limits, Usage
 
 if TYPE_CHECKING:
-    from sandbox import KernelSandbox
+    from sandbox import KernelSandbox, SandboxPool
 
 __all__ = ["Content", "Conversation"]
 
@@ -63,8 +63,9 @@ class Conversation:
 
     `model` is a `ChatModel`, a model name for the server at `base_url` (or `FUNCTIONARY_BASE_URL`), or, with
     no server, a GGUF file for the embedded llama.cpp engine (None: the bundled SmolLM2, loaded once per process).
-    `code_interpreter` (True, a dict of `KernelSandbox` settings, or a `KernelSandbox`) adds the `python` tool,
-    backed by a sandboxed Jupyter kernel that starts in the background now; `close()` shuts it down.
+    `code_interpreter` (True, a dict of `KernelSandbox` settings, a `KernelSandbox`, or a `SandboxPool` to take a
+    warm kernel from) adds the `python` tool, backed by a sandboxed Jupyter kernel that starts in the background now
+    (a pool's is ready); `close()` shuts it down (a pool's is destroyed, never reused).
     Forced choices (`tool_choice="required"` or a named function) apply to the first model turn of each
     submit; later turns use "auto", otherwise the model could never answer. A turn that repeats one call more than
     `max_identical_calls` times handles it once and tells the model so for each copy. The settings are one frozen
@@ -98,7 +99,7 @@ class Conversation:
         parallel_tool_calls: bool = True,
         max_concurrency: int | None = None,
         max_identical_calls: int = DEFAULT_MAX_IDENTICAL_CALLS,
-        code_interpreter: bool | KernelSandbox | Mapping[str, Any] = False,
+        code_interpreter: bool | KernelSandbox | SandboxPool | Mapping[str, Any] = False,
         on_approval: ApprovalCallback | None = None,
         limits: Limits | None = None,
         max_result_chars: int | None = DEFAULT_MAX_RESULT_CHARS,

@@ -5,6 +5,8 @@
         print(box.execute("1 + 1").to_model_text())
     with KernelSandbox(gateway_url="https://gateway.example:8888", token="...") as box:  # a remote kernel
         print(box.execute("1 + 1").to_model_text())
+    with SandboxPool(size=4, timeout=60) as pool:  # kernels started ahead; each handed out once, then destroyed
+        box = pool.acquire()
 
 This package never imports `functionary_agent`; the conversation adapts it into the model's `python` tool.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 from .errors import (
     IsolationUnavailableError,
     KernelStartError,
+    PoolExhaustedError,
     SandboxClosedError,
     SandboxConfigurationError,
     SandboxError,
@@ -21,6 +24,7 @@ from .errors import (
 )
 from .isolation import ENV_ALLOWLIST, Isolation
 from .kernel import KernelSandbox
+from .pool import SandboxPool
 from .result import CellError, ExecutionResult
 
 __all__ = [
@@ -31,8 +35,10 @@ __all__ = [
     "IsolationUnavailableError",
     "KernelSandbox",
     "KernelStartError",
+    "PoolExhaustedError",
     "SandboxClosedError",
     "SandboxConfigurationError",
     "SandboxError",
+    "SandboxPool",
     "WorkdirInUseError",
 ]

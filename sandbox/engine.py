@@ -82,6 +82,7 @@ class Engine(KernelHolder[KernelProcess]):
         if kernel.alive():
             return kernel
         result.restarted = True
+        result.memory_exceeded = kernel.memory_exceeded()
         result.notes.append(f"the kernel had died since the last execution ({kernel.exit_description()}); {RESTARTED}")
         await self._replace_kernel()
         return await self.kernel()
@@ -92,8 +93,11 @@ class Engine(KernelHolder[KernelProcess]):
         outcome = await kernel.collect(msg_id, collector, loop.time() + timeout)
         if outcome == "timeout":
             outcome = await self._interrupt(kernel, msg_id, timeout, collector)
+        if outcome == "idle" and kernel.memory_exceeded():  # cgroup v1: a child was killed, the kernel lives on
+            outcome = "died"
         if outcome == "died":
             collector.result.kernel_died = collector.result.restarted = True
+            collector.result.memory_exceeded = kernel.memory_exceeded()
             collector.result.notes.append(f"kernel died ({kernel.exit_description()}); {RESTARTED}")
             await self._replace_kernel()
         elif outcome == "overflow":  # more than the host takes: the rest is not read, the kernel cannot go on

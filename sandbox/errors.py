@@ -31,3 +31,8 @@ class SandboxConfigurationError(SandboxError, ValueError):
 class WorkdirInUseError(SandboxConfigurationError):
     """The workdir (or a folder inside or around it) belongs to a live sandbox whose kernel holds that tree; the
     message names it (its process id and when it was opened)."""
+
+
+class PoolExhaustedError(SandboxError):
+    """Every sandbox of a `SandboxPool` is handed out and none came back (closed) within the wait; the message
+    says how many the pool holds and how long it waited."""

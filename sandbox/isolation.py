@@ -8,13 +8,13 @@ as a normal user they are made inside a user namespace. Whether that works is pr
 policies. Where it cannot work, a sandbox refuses to start unless the caller opts out with `isolation="none"`.
 The same probe loads the system call filter (`seccomp.py`); where it cannot be loaded, contained kernels run
 without it after one warning, and `Isolation.syscall_filter` says so.
-The process cap comes from a pids cgroup whenever one is writable, else from RLIMIT_NPROC (per sandbox as root,
-whose kernels own a fresh uid; per user otherwise).
+Where the memory, cpu and pids cgroup controllers are writable, each sandbox gets one cgroup capping all three
+(`cgroups.py`); where only pids is, the process cap comes from it; else from RLIMIT_NPROC (per sandbox as root,
+whose kernels own a fresh uid; per user otherwise). Memory is also capped per process (RLIMIT_AS) in every case.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
@@ -24,11 +24,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
-import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from .cgroups import find_roots, usable_roots
 from .errors import IsolationUnavailableError
 from .seccomp import UNAVAILABLE as _FILTER_UNAVAILABLE
 
@@ -72,6 +72,7 @@ class HostSupport:
     pids_cgroup_root: Path | None
     is_root: bool
     syscall_filter: bool = False  # the seccomp filter loaded in the probe's launch
+    cgroup_roots: Mapping[str, Path] = field(default_factory=dict)  # controller -> where sandbox cgroups go
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,8 @@ class Isolation:
     `mode` is "root" (namespaces made as root, a dedicated uid), "userns" (made inside a user namespace as your
     own uid) or "none" (the explicit opt-out: limits only). `uid`/`gid` are the kernel's ids on the host.
     `syscall_filter` is True when the kernel runs under the seccomp deny-list of `sandbox/seccomp.py`.
+    `memory_limit` is "memory cgroup" when the sandbox as a whole (kernel and children) is capped, else
+    "RLIMIT_AS" (each process on its own); `cpu_limit` is "cpu cgroup" or "none".
     """
 
     mode: str
@@ -90,6 +93,8 @@ class Isolation:
     gid: int
     capabilities_dropped: bool
     syscall_filter: bool = False
+    memory_limit: str = "RLIMIT_AS"
+    cpu_limit: str = "none"
 
     @property
     def contained(self) -> bool:
@@ -107,17 +112,23 @@ class Isolation:
 def host_support() -> HostSupport:
     """Probe once per process (about 0.1 s): later sandboxes reuse the answer."""
     is_root = os.geteuid() == 0
-    cgroup_root = _pids_cgroup_root()
+    cgroup_roots = usable_roots(find_roots())
     mode = "root" if is_root else "userns"
     reason, filter_reason = _probe(mode)
     support = HostSupport(
         mode=None if reason else mode,
         reason=reason,
         can_drop_capabilities=is_root and _has_capability(_CAP_SETPCAP),
-        pids_cgroup_root=cgroup_root if cgroup_root is not None and _cgroup_writable(cgroup_root) else None,
+        pids_cgroup_root=cgroup_roots.get("pids"),
         is_root=is_root,
         syscall_filter=not reason and not filter_reason,
+        cgroup_roots=cgroup_roots,
     )
+    if "memory" not in cgroup_roots:
+        logger.warning(
+            "no writable memory, cpu and pids cgroup: each sandbox's memory is capped per process (RLIMIT_AS), "
+            "so its children together can use more, and its CPU is not capped"
+        )
     if not reason and filter_reason:
         logger.warning("sandboxed kernels run without a system call filter (%s)", filter_reason)
     logger.debug("sandbox host support: %s", support)
@@ -152,7 +163,17 @@ def plan_isolation(network: bool, isolation: str, support: HostSupport) -> Isola
         gid=gid,
         capabilities_dropped=True,
         syscall_filter=support.syscall_filter,
+        memory_limit=_memory_limit(support),
+        cpu_limit=_cpu_limit(support),
     )
+
+
+def _memory_limit(support: HostSupport) -> str:
+    return "memory cgroup" if "memory" in support.cgroup_roots else "RLIMIT_AS"
+
+
+def _cpu_limit(support: HostSupport) -> str:
+    return "cpu cgroup" if "cpu" in support.cgroup_roots else "none"
 
 
 def _uncontained_plan(support: HostSupport) -> Isolation:
@@ -170,6 +191,8 @@ def _uncontained_plan(support: HostSupport) -> Isolation:
         uid=os.getuid(),
         gid=os.getgid(),
         capabilities_dropped=support.can_drop_capabilities,
+        memory_limit=_memory_limit(support),
+        cpu_limit=_cpu_limit(support),
     )
 
 
@@ -272,109 +295,6 @@ def kernel_env(extra: dict[str, str] | None, home: str) -> dict[str, str]:
     )
     env.update(extra or {})
     return env
-
-
-def create_pids_cgroup(root: Path, max_pids: int) -> Path:
-    """A fresh pids cgroup for one kernel; the launcher moves itself in before it execs the kernel."""
-    return _make_cgroup(root, max_pids)
-
-
-def kill_cgroup(path: Path) -> None:
-    """SIGKILL every task in the cgroup, including ones that left the kernel's process group."""
-    kill_file = path / "cgroup.kill"
-    if kill_file.exists():
-        try:
-            kill_file.write_text("1")
-            return
-        except OSError:
-            pass
-    for _ in range(100):
-        pids = _cgroup_pids(path)
-        if not pids:
-            return
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, 9)
-
-
-def remove_cgroup(path: Path, attempts: int = 50) -> bool:
-    """rmdir the cgroup; killed tasks leave it a moment after they die, so retry briefly."""
-    for _ in range(attempts):
-        try:
-            path.rmdir()
-            return True
-        except FileNotFoundError:
-            return True
-        except OSError:
-            kill_cgroup(path)
-            time.sleep(0.02)
-    logger.warning("could not remove cgroup %s; it still holds tasks", path)
-    return False
-
-
-def _cgroup_pids(path: Path) -> list[int]:
-    try:
-        return [int(line) for line in (path / "cgroup.procs").read_text().split()]
-    except (OSError, ValueError):
-        return []
-
-
-def _make_cgroup(root: Path, max_pids: int) -> Path:
-    path = root / f"kernelsandbox-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    path.mkdir()
-    try:
-        (path / "pids.max").write_text(str(max_pids))
-    except OSError:
-        path.rmdir()
-        raise
-    return path
-
-
-def _pids_cgroup_root() -> Path | None:
-    """Our own cgroup in the pids hierarchy (v1, or v2 with the pids controller delegated), if writable."""
-    try:
-        own = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    for line in own:
-        _, controllers, rel = line.split(":", 2)
-        if "pids" in controllers.split(","):
-            base = Path("/sys/fs/cgroup/pids") / rel.lstrip("/")
-        elif controllers == "" and _v2_has_pids(Path("/sys/fs/cgroup") / rel.lstrip("/")):
-            base = Path("/sys/fs/cgroup") / rel.lstrip("/")
-        else:
-            continue
-        if base.is_dir() and os.access(base, os.W_OK):
-            return base
-    return None
-
-
-def _v2_has_pids(base: Path) -> bool:
-    try:
-        return "pids" in (base / "cgroup.subtree_control").read_text().split()
-    except OSError:
-        return False
-
-
-def _cgroup_writable(root: Path) -> bool:
-    """Can we make a child cgroup there and move a process into it? Tried for real, with a short child."""
-    try:
-        probe_dir = _make_cgroup(root, max_pids=8)
-    except OSError:
-        return False
-    try:
-        child = subprocess.Popen([sys.executable, "-S", "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
-        try:
-            (probe_dir / "cgroup.procs").write_text(str(child.pid))
-            return True
-        except OSError:
-            return False
-        finally:
-            child.communicate(timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    finally:
-        remove_cgroup(probe_dir)
 
 
 def _has_capability(bit: int) -> bool:

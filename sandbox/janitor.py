@@ -1,7 +1,7 @@
 """Clean what a sandbox owner killed with SIGKILL left behind.
 
 Such an owner never ran its finalizer. Its kernel exits on its own (ipykernel polls its parent), but the
-kernel's own children, the pids cgroup and the temporary folders stay. Every name we create carries the owner's
+kernel's own children, the cgroups and the temporary folders stay. Every name we create carries the owner's
 pid, so the next process that starts a sandbox removes the leftovers of owners that no longer exist.
 
 The temp folder is shared with every local user, so a folder is only removed when it is ours beyond doubt: named
@@ -21,8 +21,8 @@ import stat
 import tempfile
 from pathlib import Path
 
+from .cgroups import kill_cgroup, remove_cgroup
 from .fdtree import open_folder, remove_tree
-from .isolation import kill_cgroup, remove_cgroup
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +55,10 @@ def _ours(info: os.stat_result) -> bool:
 
 
 @functools.lru_cache(maxsize=1)
-def sweep_leftovers(cgroup_root: Path | None) -> None:
-    """Remove cgroups (killing their tasks) and temp folders whose owner is dead; once per process, never raises."""
-    if cgroup_root is not None:
+def sweep_leftovers(cgroup_roots: tuple[Path, ...]) -> None:
+    """Remove cgroups (killing their tasks) and temp folders whose owner is dead; once per process, never raises.
+    `cgroup_roots`: the folders sandbox cgroups are made in (one per hierarchy)."""
+    for cgroup_root in cgroup_roots:
         _sweep_cgroups(cgroup_root)
     _sweep_folders(Path(tempfile.gettempdir()))
 

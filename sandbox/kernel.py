@@ -37,7 +37,7 @@ from .workdir_lock import WorkdirLock, lock_workdir, refuse_if_in_use
 logger = logging.getLogger(__name__)
 
 _MIN_PROCESSES = 16  # ipykernel alone runs about ten threads, and Linux counts threads as processes
-_LOCAL_ONLY = ("memory_mb", "max_processes", "network", "isolation", "max_file_mb", "python")
+_LOCAL_ONLY = ("memory_mb", "max_processes", "network", "isolation", "max_file_mb", "python", "max_cpus")
 
 #: `KernelSandbox.isolation` of a sandbox whose kernel runs on a gateway: nothing of this machine applies to it.
 GATEWAY_ISOLATION = Isolation(
@@ -72,8 +72,11 @@ class _KernelBackend(Protocol):
 class KernelSandbox:
     """A stateful Python kernel for model-written code, behind OS limits.
 
-    `timeout` is per execution (seconds); `memory_mb` caps the kernel's address space (RLIMIT_AS);
-    `max_processes` caps processes *and threads* (pids cgroup, or RLIMIT_NPROC without root); `max_file_mb`
+    `timeout` is per execution (seconds); `memory_mb` caps the memory of the kernel and all it spawns together
+    (a memory cgroup, swap off: going over it kills the sandbox, and the result says `memory_exceeded`) and each
+    process's address space (RLIMIT_AS; the only cap where no memory cgroup is writable, see `isolation`);
+    `max_processes` caps processes *and threads* (pids cgroup, or RLIMIT_NPROC without root); `max_cpus` caps
+    the CPU time of the whole sandbox, in CPUs (cpu.max; not capped without a cpu cgroup); `max_file_mb`
     caps the size of any one file written (RLIMIT_FSIZE); `max_output_chars` bounds each output stream (head and
     tail are kept). `env` adds variables to the allowlisted ones.
 
@@ -93,8 +96,9 @@ class KernelSandbox:
     `Authorization: token ...`. Timeouts (interrupt, then a restart through the gateway), output bounds, saved
     images, `reset()` and `close()` (which deletes the kernel on the gateway) behave as they do locally. OS limits,
     network and files are the gateway's business: the local-only settings (`memory_mb`, `max_processes`,
-    `max_file_mb`, `network`, `isolation`, `python`) raise `SandboxConfigurationError` when given a value other
-    than their default together with `gateway_url` (and the default `network=False` is *not* enforced there).
+    `max_cpus`, `max_file_mb`, `network`, `isolation`, `python`) raise `SandboxConfigurationError` when given a
+    value other than their default together with `gateway_url` (and the default `network=False` is *not*
+    enforced there).
     The kernel works in the gateway machine's folders: `/mnt/data` and `workdir` are not shared with it; `workdir`
     only receives the images, and `ExecutionResult.files` stays empty. `env` is sent with the start request, where
     the gateway keeps the variables it allows (Kernel Gateway: `KERNEL_*` and its `env_whitelist`). Unreachable
@@ -120,8 +124,12 @@ class KernelSandbox:
         gateway_url: str | None = None,
         token: str | None = None,
         kernel_name: str | None = None,
+        max_cpus: float = 1.0,
     ) -> None:
         _check_limits(timeout, memory_mb, max_processes, max_output_chars, max_file_mb)
+        if not 0.01 <= max_cpus <= 1024:
+            raise ValueError("max_cpus must be between 0.01 and 1024 (CPUs)")
+        self._after_close: list[Callable[[], object]] = []
         self.timeout = float(timeout)
         common = (workdir, max_output_chars, dict(env or {}), startup_timeout, interrupt_grace)
         if gateway_url is None:
@@ -129,22 +137,22 @@ class KernelSandbox:
                 raise SandboxConfigurationError("token and kernel_name are gateway settings: pass gateway_url=...")
             self._engine, release = self._local_engine(
                 *common, memory_mb=memory_mb, max_processes=max_processes, network=network, isolation=isolation,
-                max_file_mb=max_file_mb, python=python,
+                max_file_mb=max_file_mb, python=python, max_cpus=max_cpus,
             )
         else:
             _refuse_local_settings(
                 memory_mb=memory_mb, max_processes=max_processes, network=network, isolation=isolation,
-                max_file_mb=max_file_mb, python=python,
+                max_file_mb=max_file_mb, python=python, max_cpus=max_cpus,
             )
             self._engine = self._gateway_engine(*common, gateway_url, token, kernel_name)
             release = functools.partial(_remove_owned, self.workdir if workdir is None else None)
         self._loop = LoopThread("sandbox-kernel-loop")
-        self._finalizer = weakref.finalize(self, _shutdown, self._loop, self._engine, release)
+        self._finalizer = weakref.finalize(self, _shutdown, self._loop, self._engine, release, self._after_close)
 
     def _local_engine(
         self, workdir: str | Path | None, max_output_chars: int, env: dict[str, str], startup_timeout: float,
         interrupt_grace: float, *, memory_mb: int, max_processes: int, network: bool, isolation: str,
-        max_file_mb: int, python: str | None,
+        max_file_mb: int, python: str | None, max_cpus: float,
     ) -> tuple[_KernelBackend, Callable[[], object]]:
         try:
             from .engine import Engine
@@ -155,7 +163,7 @@ class KernelSandbox:
                 " or pass gateway_url=... to run the kernel on a Jupyter Kernel Gateway"
             ) from None
         support = host_support()
-        sweep_leftovers(support.pids_cgroup_root)
+        sweep_leftovers(tuple(sorted(set(support.cgroup_roots.values()))))
         self.isolation: Isolation = plan_isolation(network, isolation, support)
         asked = None if workdir is None else Path(workdir).expanduser().absolute()
         if asked is not None and self.isolation.mode == "root":
@@ -179,6 +187,8 @@ class KernelSandbox:
             python=python or sys.executable,
             env=env,
             idmap_workdir=idmapped,
+            cgroup_roots=support.cgroup_roots,
+            max_cpus=max_cpus,
         )
         return Engine(settings, interrupt_grace), release
 
@@ -271,6 +281,11 @@ class KernelSandbox:
         """Kill the kernel and everything it spawned; remove the workdir if the sandbox created it."""
         self._finalizer()
 
+    def _call_after_close(self, callback: Callable[[], object]) -> None:
+        """Run `callback` once the sandbox is closed, however that happens (close, garbage collection, exit);
+        for `SandboxPool`, which refills itself when a sandbox it handed out is gone."""
+        self._after_close.append(callback)
+
     async def aclose(self) -> None:
         await asyncio.to_thread(self._finalizer)
 
@@ -358,15 +373,18 @@ def _remove_owned(workdir: Path | None) -> None:
         remove_folder(workdir)
 
 
-def _shutdown(loop: LoopThread, engine: _KernelBackend, release: Callable[[], object]) -> None:
+def _shutdown(
+    loop: LoopThread, engine: _KernelBackend, release: Callable[[], object], after: list[Callable[[], object]]
+) -> None:
     """Close on the loop when it still runs, then kill at OS level whatever remains, then let go of the workdir
-    (the kernel is dead by then: nothing moves in the tree while it is given back); never raises."""
+    (the kernel is dead by then: nothing moves in the tree while it is given back), then tell whoever asked
+    (`after`); never raises."""
     try:
         if loop.running and not loop.in_loop_thread():
             loop.call(engine.aclose(), timeout=15)
     except Exception as exc:
         logger.warning("sandbox close on its loop failed (%s); killing its processes directly", exc)
-    for step in (engine.kill_now, loop.stop, release):
+    for step in (engine.kill_now, loop.stop, release, *after):
         try:
             step()
         except Exception as exc:  # each step runs whatever the one before did

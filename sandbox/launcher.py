@@ -3,10 +3,10 @@
 Usage (built by `sandbox.process`): python launcher.py LAUNCH_JSON CONNECTION_FILE
 
 Three processes, in order (modes are planned by `sandbox.isolation`):
-1. This process (on the host, the one the parent sees) joins the pids cgroup, sets rlimits and its own session,
-   then creates the namespaces: mount, pid, IPC and (unless `network`) network; as root directly ("root" mode),
-   as a normal user inside a new user namespace that maps only its own uid ("userns" mode). It stays on the host
-   side only to wait, and exits the way the kernel did.
+1. This process (on the host, the one the parent sees) joins the sandbox's cgroup, sets rlimits and its own
+   session, then creates the namespaces: mount, pid, IPC and (unless `network`) network; as root directly ("root"
+   mode), as a normal user inside a new user namespace that maps only its own uid ("userns" mode). It stays on the
+   host side only to wait, and exits the way the kernel did.
 2. Its child is pid 1 of the new pid namespace: it builds the kernel's root (`rootfs.py`), brings up loopback,
    drops to the sandbox user (a dedicated uid/gid as root; as a normal user, the caller's own uid, which inside
    the user namespace holds no privilege on the host) with an empty capability bounding set, no_new_privs and
@@ -64,8 +64,9 @@ LaunchError = _rootfs.SetupError
 _seccomp = _load_helper("seccomp")
 
 
-def _join_cgroup(path: str | None) -> None:
-    if path:
+def _join_cgroup(paths: str | list[str] | None) -> None:
+    """Move into the sandbox's cgroup: one folder, or one per hierarchy on cgroup v1."""
+    for path in [paths] if isinstance(paths, str) else paths or []:
         with open(os.path.join(path, "cgroup.procs"), "w") as procs:
             procs.write(str(os.getpid()))
 

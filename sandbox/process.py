@@ -27,6 +27,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,10 +36,11 @@ import zmq.asyncio
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
+from .cgroups import CgroupLimits, SandboxCgroup
 from .collect import OutputCollector, answers, is_idle
 from .errors import KernelStartError
 from .fdtree import remove_folder
-from .isolation import Isolation, create_pids_cgroup, kernel_env, kill_cgroup, launch_config, remove_cgroup
+from .isolation import Isolation, kernel_env, launch_config
 from .wire import MalformedMessage, decode
 from .zmtp import ChannelLost, Connection, MessageTooLarge, Received
 
@@ -71,6 +73,20 @@ class KernelSettings:
     python: str = sys.executable
     env: dict[str, str] = field(default_factory=dict)
     idmap_workdir: tuple[int, int] | None = None  # the owner (uid, gid) the kernel's ids map onto, see idmap.py
+    cgroup_roots: Mapping[str, Path] = field(default_factory=dict)  # controller -> root, see cgroups.py
+    max_cpus: float = 1.0  # the sandbox's CPU cap (cpu.max) where a cpu cgroup is used
+
+    def cgroup_limits(self) -> tuple[dict[str, Path], CgroupLimits]:
+        """Where this kernel's cgroup goes and what it caps: the controllers `isolation` promised, from
+        `cgroup_roots` (or just pids from `cgroup_root`)."""
+        iso = self.isolation
+        roots = dict(self.cgroup_roots) or ({"pids": self.cgroup_root} if self.cgroup_root is not None else {})
+        limits = CgroupLimits(
+            pids=self.max_processes + _HELPER_PROCESSES,
+            memory_bytes=self.memory_mb * 2**20 if iso.memory_limit == "memory cgroup" else None,
+            cpus=self.max_cpus if iso.cpu_limit == "cpu cgroup" else None,
+        )
+        return roots, limits
 
 
 def message_limit(max_output_chars: int) -> int:
@@ -108,7 +124,8 @@ class KernelProcess:
     def __init__(self, settings: KernelSettings) -> None:
         self.settings = settings
         self.runtime = Path(tempfile.mkdtemp(prefix=f"kernelsandbox-run-{os.getpid()}-"))
-        self.cgroup: Path | None = None
+        self.cgroup: SandboxCgroup | None = None
+        self._memory_exceeded = False
         self.popen: subprocess.Popen[bytes] | None = None
         self._manager: AsyncKernelManager | None = None
         self._shell: Connection | None = None
@@ -137,8 +154,9 @@ class KernelProcess:
 
     async def _launch(self) -> None:
         s = self.settings
-        if s.isolation.process_limit == "pids cgroup" and s.cgroup_root is not None:
-            self.cgroup = create_pids_cgroup(s.cgroup_root, s.max_processes + _HELPER_PROCESSES)
+        roots, limits = s.cgroup_limits()
+        if s.isolation.process_limit == "pids cgroup" and roots:
+            self.cgroup = SandboxCgroup.create(roots, limits)
         self._make_runtime_folders()
         config = self._launch_config()
         (self.runtime / "launch.json").write_text(json.dumps(config))
@@ -182,7 +200,7 @@ class KernelProcess:
         )
         config.update(
             drop_capabilities=iso.capabilities_dropped,
-            cgroup=str(self.cgroup) if self.cgroup else None,
+            cgroup=[str(path) for path in self.cgroup.paths] if self.cgroup else None,
             memory_bytes=s.memory_mb * 2**20,
             file_bytes=s.max_file_mb * 2**20,
             tmp_bytes=s.max_file_mb * 2**20,
@@ -384,8 +402,17 @@ class KernelProcess:
             return None
 
     def alive(self) -> bool:
-        """Running, and still connected: a kernel that dropped a connection is never reconnected."""
-        return self.lost is None and self._running()
+        """Running, still connected (a kernel that dropped a connection is never reconnected), and within its
+        memory cap: a sandbox where the OOM killer took any process is killed whole (see `memory_exceeded`)."""
+        return self.lost is None and self._running() and not self.memory_exceeded()
+
+    def memory_exceeded(self) -> bool:
+        """True once the OOM killer has taken a process of this sandbox for going over its memory cgroup's cap.
+        cgroup v2 then kills the whole sandbox (memory.oom.group); v1 only the largest process, so the host
+        kills the rest (the engine replaces a kernel that is not `alive`): a half-killed tree is never kept."""
+        if not self._memory_exceeded and self.cgroup is not None:
+            self._memory_exceeded = self.cgroup.oom_kills() > 0
+        return self._memory_exceeded
 
     def _running(self) -> bool:
         """Not exited, and not dying: a SIGKILLed multi-threaded process is a zombie leader for a moment
@@ -400,6 +427,8 @@ class KernelProcess:
         return state not in (b"Z", b"X")
 
     def exit_description(self) -> str:
+        if self.memory_exceeded():
+            return f"killed for memory: the sandbox went over its cap of {self.settings.memory_mb} MB"
         code = self.popen.poll() if self.popen is not None else None
         if code is None and self.popen is not None and not self._running():
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -429,13 +458,14 @@ class KernelProcess:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.popen.pid, signal.SIGKILL)
         if self.cgroup is not None:
-            kill_cgroup(self.cgroup)
+            self.memory_exceeded()  # counted before the cgroup goes
+            self.cgroup.kill()
         if self.popen is not None:
             try:
                 self.popen.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 logger.warning("kernel %s did not exit after SIGKILL", self.popen.pid)
-        if self.cgroup is not None and remove_cgroup(self.cgroup):
+        if self.cgroup is not None and self.cgroup.remove():
             self.cgroup = None
         self._unpin()
         remove_folder(self.runtime)  # the kernel can write its part of it: fd-based, any depth, no links

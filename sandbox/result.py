@@ -37,6 +37,7 @@ class ExecutionResult:
     timed_out: bool = False
     restarted: bool = False
     kernel_died: bool = False
+    memory_exceeded: bool = False  # the sandbox went over its memory cgroup's cap and was killed (see notes)
     overflowed: bool = False  # the kernel sent more than the host accepts; it was restarted (see notes)
     notes: list[str] = field(default_factory=list)
     execution_count: int | None = None
