@@ -2,7 +2,9 @@
 
 `resolve_model` is the one place that decides which engine answers (a server's model, or the embedded llama.cpp
 engine), for `Conversation`, `functionary_agent.batch` and the command line alike; `check_model_choice` refuses
-a choice that cannot work before anything loads, with the same messages everywhere.
+a choice that cannot work before anything loads, with the same messages everywhere. The embedded engine takes a
+GGUF file here or one on the Hugging Face Hub, `hf:OWNER/REPO/FILE.gguf` (downloaded by `huggingface_hub`, the
+`hub` extra).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from functionary_agent.errors import ConfigurationError, FormatError
+from functionary_agent.models._hub import check_hub_name, download_hub_model, is_hub_name
 from functionary_agent.models.base import AssistantMessage, ChatModel, ToolCall
 
 if TYPE_CHECKING:
@@ -41,8 +44,9 @@ def resolve_model(
 ) -> tuple[ChatModel, bool]:
     """The engine that answers, and whether the caller owns it (and must `aclose` it): a `ChatModel` as given;
     with a server (`base_url`, else `FUNCTIONARY_BASE_URL`) its model `model` (None: `FUNCTIONARY_MODEL`, else the
-    server's first); otherwise the process-wide embedded engine for the GGUF file `model` (None: the bundled
-    SmolLM2), in prompt format `format` (None: detected). `ConfigurationError` for a choice that cannot work."""
+    server's first); otherwise the process-wide embedded engine for the GGUF file `model` (`hf:OWNER/REPO/FILE.gguf`:
+    from the Hugging Face Hub; None: the bundled SmolLM2), in prompt format `format` (None: detected).
+    `ConfigurationError` for a choice that cannot work."""
     if isinstance(model, ChatModel):
         if base_url or api_key or format:
             raise ConfigurationError(
@@ -61,7 +65,8 @@ def resolve_model(
 
 def check_model_choice(model: str | None, *, base_url: str | None = None, format: str | None = None) -> str | None:
     """Refuse an engine choice that cannot work, without loading anything: a format for a server, an unknown
-    format, no server and a `model` that is not a GGUF file here. Returns the server's URL (`base_url`, else
+    format, no server and a `model` that is not a GGUF file here nor a well-formed `hf:` name (whose file is in the
+    hub cache when `HF_HUB_OFFLINE` is set). Returns the server's URL (`base_url`, else
     `FUNCTIONARY_BASE_URL`), or None for the embedded engine. These messages are the same for the Python API,
     `batch` and the command line, so each names both spellings of the fix."""
     server = base_url or os.environ.get("FUNCTIONARY_BASE_URL") or None
@@ -74,7 +79,9 @@ def check_model_choice(model: str | None, *, base_url: str | None = None, format
         return server
     if format is not None:
         _check_format(format)
-    if model is not None:
+    if is_hub_name(model):
+        check_hub_name(str(model))
+    elif model is not None:
         _check_gguf_file(model)
     return None
 
@@ -119,8 +126,15 @@ def _is_file(path: Path) -> bool:
 
 
 def embedded_model(model_path: str | None = None, format: str | None = None) -> ChatModel:
-    """The process-wide embedded engine for a GGUF file (None: the bundled SmolLM2), or a clear error saying how
-    to repair the install. Loaded once per process and shared by every conversation that asks for it."""
+    """The process-wide embedded engine for a GGUF file (`hf:OWNER/REPO/FILE.gguf`: downloaded from the Hugging Face
+    Hub first, unless it is in the hub cache; None: the bundled SmolLM2), or a clear error saying how to repair the
+    install. Loaded once per process and shared by every conversation that asks for it."""
+    options: dict[str, Any] = {} if format is None else {"format": format}
+    if is_hub_name(model_path):
+        hub = download_hub_model(str(model_path))
+        model_path = str(hub.gguf)
+        if hub.tokenizer_json is not None:
+            options["tokenizer_json"] = str(hub.tokenizer_json)
     try:
         from functionary_agent.models.embedded import EmbeddedModel
     except ImportError as exc:
@@ -131,7 +145,7 @@ def embedded_model(model_path: str | None = None, format: str | None = None) -> 
             "-DGGML_AVX512=OFF\" pip install --no-cache-dir --force-reinstall llama-cpp-python, "
             "or use a server: base_url='http://HOST:PORT/v1'"
         ) from None
-    return EmbeddedModel.shared(model_path) if format is None else EmbeddedModel.shared(model_path, format=format)
+    return EmbeddedModel.shared(model_path, **options)
 
 
 def __getattr__(name: str) -> Any:
