@@ -1,7 +1,9 @@
 """Batch runs on Ray: the items are cut into shards, each shard is a Ray task that answers its items on its own
-event loop (`concurrency` at a time, as `functionary_agent.batch` does on one machine) and streams each record back
-as it is done (a Ray generator task). The driver is the only writer of the output file, so resuming works as for
-the asyncio run, and it drops a record whose id is answered already.
+event loop (`concurrency` at a time, with `runner.answer_items` as a run on one machine does) and streams each record
+back as it is done (a Ray generator task). The driver is the only writer of the output file (`output.BatchOutput`),
+so resuming works as for the asyncio run, and it drops a record whose id is answered already. The settings and
+items travel pickled: `functionary_agent.batch.settings.BatchSettings` and `.items.BatchItem` are found on the
+worker by those module paths.
 
 Tools travel as source text with each shard task: each tools *file* is read on the driver and written out on the
 worker before it is loaded there, so workers run exactly the driver's version. Not Ray's `runtime_env`
@@ -46,17 +48,10 @@ from pathlib import Path
 from typing import Any
 
 from functionary_agent import _sync
-from functionary_agent.batch import (
-    BatchItem,
-    BatchOutput,
-    BatchSettings,
-    BatchSummary,
-    Record,
-    answer_items,
-    check_items,
-    failure_record,
-    resolve_output_types,
-)
+from functionary_agent.batch.items import BatchItem, check_items, resolve_output_types
+from functionary_agent.batch.output import BatchOutput, Record
+from functionary_agent.batch.runner import BatchSummary, answer_items, failure_record
+from functionary_agent.batch.settings import BatchSettings
 from functionary_agent.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)

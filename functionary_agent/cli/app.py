@@ -4,8 +4,11 @@ server with our plugin, see `functionary_agent.server.cli`).
 
 Exit status: 0 with an answer, 2 for a usage error (bad flags or flag values, a model that is no GGUF file here
 and no server, a tools file that cannot be loaded, bad batch input), 1 when the model or its server fails (for
-`batch`: when some items failed), or anything else goes wrong; 130 after Ctrl-C. Errors are one line on stderr,
-never a traceback, unless `--debug` asks for one; argparse's own errors too (`PROG: error: ...`, no usage block).
+`batch`: when some items failed), or anything else goes wrong; 3 when `run` paused because calls wait for
+approval and no terminal can ask (what waits, and how to go on, is printed); 4 when `run`'s answer was cut short
+(the model hit its token limit, or its text was cut where it began to repeat itself); 130 after Ctrl-C. Errors are
+one line on stderr, never a traceback, unless `--debug` asks for one; argparse's own errors too (`PROG: error:
+...`, no usage block).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import os
 import shlex
 import sys
@@ -22,7 +26,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from functionary_agent._text import visible_controls
+from functionary_agent._run.approvals import PendingCall
+from functionary_agent._text import compact_json, visible_controls
+from functionary_agent.cli.progress import TerminalProgress
 from functionary_agent.cli.terminal import Reporter, json_for_terminal, show_library_warnings
 from functionary_agent.conversation import Conversation
 from functionary_agent.errors import ConfigurationError, FormatError, FunctionaryAgentError, ToolDefinitionError
@@ -33,7 +39,7 @@ from functionary_agent.server.cli import add_serve_parser
 if TYPE_CHECKING:
     from functionary_agent.batch import BatchItem, BatchOutput, BatchSettings, Record
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PAUSED, EXIT_TRUNCATED = 0, 1, 2, 3, 4
 
 
 class _UsageError(Exception):
@@ -94,7 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("prompt", help="the user's message")
     _add_conversation_options(run)
     run.add_argument("--json", action="store_true",
-                     help='print {"answer", "messages", "usage"} as JSON instead of the exchange')
+                     help='print {"answer", "messages", "usage", "end"} as JSON instead of the exchange')
+    run.add_argument("--approve", action="append", default=[], metavar="TOOL",
+                     help="run calls of TOOL that need approval without asking (repeat for more tools)")
     run.set_defaults(handler=_run)
     chat = commands.add_parser("chat", help="an interactive chat in the terminal (/help for commands)")
     _add_conversation_options(chat)
@@ -146,8 +154,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (default: $FUNCTIONARY_BASE_URL)")
     parser.add_argument("--model", default=None,  # $FUNCTIONARY_MODEL names a server's model: read only with one
                         help="with --base-url: the model name on the server (default: $FUNCTIONARY_MODEL, else the "
-                        "server's first model); without: a GGUF file for the embedded engine (default: the bundled "
-                        "SmolLM2-135M-Instruct)")
+                        "server's first model); without: a GGUF file for the embedded engine, here or on the "
+                        "Hugging Face Hub as hf:OWNER/REPO/FILE.gguf (default: the bundled SmolLM2-135M-Instruct)")
     parser.add_argument("--format", type=_format_name,
                         help="prompt format of a GGUF model (v3.2, v3.1, v2, v2.5, chatml-v3); default: detected from "
                         "the file")
@@ -195,9 +203,9 @@ def _conversation(args: argparse.Namespace) -> Conversation:
     except (ConfigurationError, ToolDefinitionError) as exc:
         raise _UsageError(f"cannot load tools: {exc}") from None
     model: ChatModel | str | None = args.model
-    if args.format:  # Conversation has no format argument; the embedded engine it picks is shared, never owned
-        model, _ = resolve_model(args.model, format=args.format)
     try:
+        if args.format:  # Conversation has no format argument; the embedded engine it picks is shared, never owned
+            model, _ = resolve_model(args.model, format=args.format)
         return Conversation(model, base_url=args.base_url, system=args.system, tools=tools,
                             max_turns=args.max_turns, code_interpreter=args.code_interpreter)
     except (ConfigurationError, ToolDefinitionError) as exc:  # a --base-url that cannot work, a tool name twice
@@ -208,19 +216,50 @@ def _run(args: argparse.Namespace) -> int:
     _check_prompt(args.prompt)
     reporter = Reporter(sys.stdout, quiet=args.json, live=sys.stdout.isatty())
     with _conversation(args) as chat:
-        if sys.stdin.isatty():  # calls that need a yes are asked about; elsewhere the run stops with an error
-            from functionary_agent.cli.repl import terminal_approval
-
-            chat.on_approval = terminal_approval(reporter)
+        chat.on_approval = _approval(reporter, set(args.approve))
         with reporter.turn():
             for event in chat.stream(args.prompt):
                 reporter.show(event)
         if args.json:
             answer = chat.messages[-1].get("content") or ""
-            print(json_for_terminal({"answer": answer, "messages": chat.messages, "usage": chat.last_usage.to_dict()}))
+            end = dataclasses.asdict(chat.last_end) if chat.last_end else None
+            usage = chat.last_usage.to_dict()
+            print(json_for_terminal({"answer": answer, "messages": chat.messages, "usage": usage, "end": end}))
         elif sys.stdout.isatty():
             reporter.notice(chat.last_usage.summary())
+        return _ending(chat)
+
+
+def _approval(reporter: Reporter, approved: set[str]) -> Callable[[PendingCall], bool | None] | None:
+    """Calls of the tools named by --approve run; others are asked about on a terminal, else the run pauses."""
+    ask = None
+    if sys.stdin.isatty():
+        from functionary_agent.cli.repl import terminal_approval
+
+        ask = terminal_approval(reporter)
+    if not approved and ask is None:
+        return None
+    return lambda call: True if call.name in approved else (ask(call) if ask is not None else None)
+
+
+def _ending(chat: Conversation) -> int:
+    """Say on stderr how a run that did not simply answer ended: paused for approval (3), or cut short (4)."""
+    end = chat.last_end
+    if end is not None and end.reason == "paused":
+        waiting = chat.pending_approvals
+        listed = "; ".join(f"{call.name}({compact_json(call.raw_arguments)})" for call in waiting)
+        names = " ".join(sorted({f"--approve {shlex.quote(call.name)}" for call in waiting}))
+        _note(f"paused: {len(waiting)} call(s) wait for approval: {listed}. Nothing was run. Run it again on a "
+              f"terminal to answer y/n, or add {names} to run them.")
+        return EXIT_PAUSED
+    if end is not None and end.truncated:
+        _note(f"the answer was cut short (finish_reason={end.finish_reason}): it may be incomplete.")
+        return EXIT_TRUNCATED
     return EXIT_OK
+
+
+def _note(text: str) -> None:
+    print(f"functionary-agent: note: {visible_controls(text)}", file=sys.stderr)
 
 
 def _check_prompt(prompt: str) -> None:
@@ -242,8 +281,6 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _batch(args: argparse.Namespace) -> int:
-    from functionary_agent import batch
-
     show_library_warnings()  # a failed Ray shard's warning quotes the error: shown, not obeyed
     items, settings = _batch_plan(args)
     started = time.perf_counter()
@@ -252,7 +289,7 @@ def _batch(args: argparse.Namespace) -> int:
         output = _enter_batch_target(stack, args)
         try:
             todo = output.pending(items)
-            progress = stack.enter_context(batch.TerminalProgress(len(todo), live=sys.stderr.isatty(), out=sys.stderr))
+            progress = stack.enter_context(TerminalProgress(len(todo), live=sys.stderr.isatty(), out=sys.stderr))
 
             def deliver(record: Record) -> None:
                 if output.write(record):
