@@ -13,17 +13,20 @@ is measured before JSON parsing can recurse (at most `MAX_DEPTH` levels, `MAX_BR
 problem is a `ConfigurationError` naming the JSON path of the first one (`messages[3].tool_calls: expected a
 list`), so a hostile file can neither crash a chat nor load and break it later. `save` checks the messages the
 same way (a file it writes always loads) and writes atomically: a temporary file beside the target, synced, then
-renamed over it.
+renamed over it and the folder synced, so a process killed at any point (or a power cut) leaves the old file or
+the new one, whole. A save killed mid-write leaves its temporary file (`.NAME.<hex>.saving.tmp`); the next save
+to NAME removes it (each save holds a lock on its own temporary file, which the kernel drops when it dies).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
+import secrets
 import stat
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -31,6 +34,11 @@ import pydantic
 from pydantic_core import PydanticCustomError
 
 from functionary_agent.errors import ConfigurationError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, so a killed save's temporary file stays until removed by hand
+    fcntl = None  # type: ignore[assignment]
 
 SAVE_FORMAT: Literal["functionary-agent/conversation"] = "functionary-agent/conversation"
 SAVE_VERSION: Literal[1] = 1
@@ -227,6 +235,9 @@ def _said(error: Any) -> str:
 
 
 # -- writing ---------------------------------------------------------------------------------------------------
+_TEMPORARY_SUFFIX = ".saving.tmp"  # a save in progress: `.NAME.<16 hex>.saving.tmp`, beside NAME
+
+
 def write_saved(path: Path, messages: list[dict[str, Any]]) -> None:
     """Save `messages` at `path` (through a link, to its target) atomically; `ConfigurationError` for messages a
     load would refuse, `OSError` when the file cannot be written (an existing file is then left as it was)."""
@@ -236,16 +247,112 @@ def write_saved(path: Path, messages: list[dict[str, Any]]) -> None:
         raise ConfigurationError(f"cannot save these messages, a load would refuse them: {problem}")
     encoded = json.dumps(data, ensure_ascii=False, indent=2).encode("utf-8")
     target = Path(os.path.realpath(path))
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    _remove_abandoned_temporaries(target)
+    descriptor, temporary = _claim_temporary(target)
     try:
-        with os.fdopen(handle, "wb") as file:
+        with os.fdopen(descriptor, "wb") as file:  # open (so locked) until renamed: a live save is never removed
             file.write(encoded)
             file.flush()
             os.fsync(file.fileno())
-        with contextlib.suppress(FileNotFoundError):
-            os.chmod(temporary, stat.S_IMODE(os.stat(target).st_mode))  # a file saved over keeps its mode
-        os.replace(temporary, target)
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(temporary, stat.S_IMODE(os.stat(target).st_mode))  # a file saved over keeps its mode
+            os.replace(temporary, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+    _sync_folder(target.parent)  # the rename itself survives a power cut
+
+
+def _claim_temporary(target: Path) -> tuple[int, Path]:
+    """A new, empty temporary file beside `target` (its descriptor and path), locked by this process for as long
+    as the descriptor is open: the kernel drops the lock when the process dies, which is how a later save tells a
+    killed save's file (removed) from a live one (left alone)."""
+    while True:
+        temporary = target.with_name(f".{target.name}.{secrets.token_hex(8)}{_TEMPORARY_SUFFIX}")
+        descriptor = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            if _lock_while_named(descriptor, temporary):
+                return descriptor, temporary
+        except BaseException:
+            os.close(descriptor)
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+        os.close(descriptor)  # removed as abandoned in the instant before the lock: take another name
+
+
+def _lock_while_named(descriptor: int, temporary: Path) -> bool:
+    """Lock the just-created `temporary`; False when another save removed it as abandoned first. Where files
+    cannot be locked (no `fcntl`, a file system without locks), no save removes them either: True, unlocked."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)  # waits while another save checks whether it is abandoned
+    except OSError:
+        return True
+    return _still_named(descriptor, temporary)
+
+
+def _remove_abandoned_temporaries(target: Path) -> None:
+    """Remove the temporary files that saves to `target` killed mid-write (SIGKILL, a power cut) left beside it;
+    without `fcntl` (Windows) they stay, named `.NAME.<hex>.saving.tmp`."""
+    if fcntl is None:
+        return
+    prefix = f".{target.name}."
+    with contextlib.suppress(OSError), os.scandir(target.parent) as entries:
+        for entry in entries:
+            rest = entry.name[len(prefix) :]
+            if entry.name.startswith(prefix) and _is_temporary_tail(rest):
+                _remove_if_abandoned(Path(entry.path))
+
+
+def _is_temporary_tail(rest: str) -> bool:
+    """Whether `rest` is what `_claim_temporary` puts after `.NAME.`: 16 hex digits, then the suffix."""
+    token = rest[: -len(_TEMPORARY_SUFFIX)]
+    return rest.endswith(_TEMPORARY_SUFFIX) and len(token) == 16 and all(c in "0123456789abcdef" for c in token)
+
+
+def _remove_if_abandoned(candidate: Path) -> None:
+    """Unlink `candidate` when it is our own regular file and no live process holds its lock."""
+    assert fcntl is not None
+    try:
+        descriptor = os.open(candidate, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        status = os.fstat(descriptor)
+        if stat.S_ISREG(status.st_mode) and status.st_uid == os.geteuid():
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: a save is writing it
+            if _still_named(descriptor, candidate):
+                os.unlink(candidate)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def _still_named(descriptor: int, path: Path) -> bool:
+    """Whether `path` still names the file open as `descriptor`."""
+    try:
+        named = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(descriptor)
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync `folder`, so that a rename in it is on disk; skipped where a folder cannot be opened (Windows) or
+    synced (some file systems say EINVAL)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+    finally:
+        os.close(descriptor)

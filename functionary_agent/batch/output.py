@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterable
@@ -15,6 +16,8 @@ from typing import Any
 
 from functionary_agent.batch.items import BatchItem
 from functionary_agent.errors import ConfigurationError
+
+logger = logging.getLogger(__name__)
 
 try:
     import fcntl
@@ -119,6 +122,8 @@ class BatchOutput:
         if end < len(data):  # a run killed mid-write: the partial line goes
             self._file.truncate(end)
             self.cut_bytes, data = len(data) - end, data[:end]
+            logger.warning("%s ended in a partial line (%d bytes, from a run killed mid-write): it was cut, and its "
+                           "item is asked again", self.path, self.cut_bytes)
         for number, line in enumerate(data.splitlines(keepends=True), 1):
             if not line.strip():
                 continue
