@@ -29,6 +29,7 @@ from functionary_agent._run.threads import in_daemon_thread
 from functionary_agent._schema import clean_schema
 from functionary_agent._text import shorten
 from functionary_agent.errors import ConfigurationError, ToolDefinitionError
+from functionary_agent.messages import error_result
 from functionary_agent.run_context import RunContext
 
 __all__ = [
@@ -164,12 +165,12 @@ class Tool:
             result = await self._call(args, kwargs)
             outcome = ToolOutcome(result_to_text(result))
         except _CallFault as fault:
-            outcome = ToolOutcome(f"Error: {fault}", is_error=True)
+            outcome = ToolOutcome(error_result(str(fault)), is_error=True)
         except _TimedOut:
-            outcome = ToolOutcome(f"Error: {self.name} timed out after {self.timeout:g} s", True, transient=True)
+            outcome = ToolOutcome(error_result(f"{self.name} timed out after {self.timeout:g} s"), True, transient=True)
         except Exception as exc:  # the tool's own failure is news for the model, not a crash of the run
             logger.debug("tool %s raised", self.name, exc_info=True)
-            text = f"Error: {self.name} raised {type(exc).__name__}: {exc}"
+            text = error_result(f"{self.name} raised {type(exc).__name__}: {exc}")
             outcome = ToolOutcome(text, is_error=True, transient=_passes(exc))
         return replace(outcome, duration=time.perf_counter() - started)
 

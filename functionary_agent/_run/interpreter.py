@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from functionary_agent._openai_messages import code_of
 from functionary_agent._run.code_cell import CodeCell, clean_cell
 from functionary_agent.errors import ConfigurationError
+from functionary_agent.messages import error_result
 from functionary_agent.run_context import RunContext
 from functionary_agent.tools import Tool, ToolOutcome
 
@@ -78,14 +79,14 @@ class PythonTool(Tool):
         started = time.perf_counter()
         code = code_of(arguments)
         if not code.strip():
-            return ToolOutcome('Error: python needs code to run: {"code": "print(1 + 1)"}', is_error=True)
+            return ToolOutcome(error_result('python needs code to run: {"code": "print(1 + 1)"}'), is_error=True)
         cell = self.prepare(code)
         if not cell.runs:
             return ToolOutcome(cell.refusal, True, time.perf_counter() - started)
         try:
             result = await self.sandbox.aexecute(cell.code)
         except Exception as exc:  # a sandbox that cannot start or was closed: the model should hear why
-            return ToolOutcome(f"Error: the code interpreter failed: {exc}", True, time.perf_counter() - started)
+            return ToolOutcome(error_result(f"the code interpreter failed: {exc}"), True, time.perf_counter() - started)
         # a timeout or a dead kernel may not recur on a retry; an exception of the code itself will
         transient = result.timed_out or result.kernel_died
         text = _with_note(result.to_model_text(), cell.note)

@@ -17,7 +17,11 @@ from __future__ import annotations
 import codecs
 import ctypes
 import json
+import logging
+import os
+import weakref
 from collections.abc import Callable, Sequence
+from copy import copy as shallow_copy
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -28,7 +32,24 @@ from functionary_agent.errors import ModelError
 from functionary_agent.formats.grammar import gbnf_literal
 
 _MIN_LOOP_LINE = 12  # shorter lines (a closing brace, "Yes.") may well repeat on purpose
+# The cycle detector (`_Cycles`): the longest period it looks for, in tokens (a short paragraph), and the length in
+# characters from which a period counts as a sentence or a line, a loop once it appears 3 times in a row
+_MAX_CYCLE = 128
+_LONG_CYCLE = 24
 _TOKEN_DATA = np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True)
+
+logger = logging.getLogger(__name__)
+
+# Token healing of argument values (`_Healing`) and enum values named by a synonym (`_steering.named_enum_values`)
+# are on unless this is "0": a private switch for measuring them (benchmarks/embedded_values.py)
+VALUE_REPAIR_SWITCH = "FUNCTIONARY_AGENT_VALUE_REPAIR"
+_HEALING_REACH = 6.0  # healing looks ahead only where a longer token's logit is within this of the picked one's
+_LOOK_AHEAD = 256  # the tokens its look-ahead weighs (nearly all the probability; the grammar checks each)
+
+
+def value_repair() -> bool:
+    """Whether argument values are repaired (see VALUE_REPAIR_SWITCH)."""
+    return os.environ.get(VALUE_REPAIR_SWITCH, "1") != "0"
 
 
 @dataclass(frozen=True)
@@ -106,6 +127,20 @@ class Sampler:
         llama_cpp.llama_sampler_apply(self._chain, self._all.pointer)
         return self._all.selected()
 
+    def refused_after(self, token: int, ids: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        """A copy of `logits` (those of the tokens `ids`) with -inf for the tokens the grammar would refuse if
+        `token` came next (a clone of the grammar takes `token`; the grammar itself does not move)."""
+        if self._grammar is None:
+            return logits.copy()
+        probe = llama_cpp.llama_sampler_clone(self._grammar)
+        try:
+            llama_cpp.llama_sampler_accept(probe, token)
+            self._all.fill(logits, ids)
+            llama_cpp.llama_sampler_apply(probe, self._all.pointer)
+            return np.array(self._all.view["logit"][: len(logits)])
+        finally:
+            llama_cpp.llama_sampler_free(probe)
+
     def _allowed(self, token: int) -> bool:
         self._one.fill(np.zeros(1, dtype=np.single), np.array([token], dtype=np.intc))
         llama_cpp.llama_sampler_apply(self._grammar, self._one.pointer)
@@ -155,7 +190,9 @@ def choice_or_stop_gbnf(options: Sequence[str], may_stop: bool) -> str:
 
 class ValueBias(Protocol):
     """Logit changes while an argument value is written: given the kind of value ("string", "number", "start" before
-    a value, "" elsewhere) and its text so far, the tokens to change and by how much. Steering supplies one."""
+    a value, "" elsewhere) and its text so far, the tokens to change and by how much. Steering supplies one.
+    Token healing also asks with kind "opener" and the text that opens a value (` "`): the tokens that write that
+    text and more at once (` "/`) to change."""
 
     def logits(self, kind: str, written: str) -> tuple[list[int], list[float]]: ...
 
@@ -181,6 +218,7 @@ class Decoder:
         self.sampler = sampler
         self.generated = 0
         self.exhausted = False
+        self.repetition = False  # free text was cut where the model began to repeat itself
         self._pending = pending
         self._budget = budget
         self._sink = emit
@@ -288,6 +326,24 @@ class Decoder:
                 return written
         return written if written in options else None
 
+    def logits(self) -> np.ndarray:
+        """A copy of the logits of the next token (what is pending is evaluated first)."""
+        if self._pending:
+            self.llama.eval(self._pending)
+            self._pending = []
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llama.ctx, -1), shape=(self._n_vocab,)).copy()
+
+    def logits_after(self, token: int) -> np.ndarray:
+        """The logits of the token after `token`, as if `token` came next; the context is left as it was (the last
+        token waits to be evaluated again, with whatever comes next, in one batch)."""
+        self.logits()
+        size = int(self.llama.n_tokens)
+        self.llama.eval([token])
+        after = self.logits()
+        self.llama.n_tokens = size - 1
+        self._pending = [int(self.llama.input_ids[size - 1])]
+        return after
+
     def preference(self, options: Sequence[str], other: str) -> float:
         """How much more likely the model starts one of `options` than `other` here: the log-probability of the
         best option's first token minus that of `other`'s first token."""
@@ -303,10 +359,12 @@ class Decoder:
 
     def json_arguments(self, gbnf: str, copy: ValueBias | None = None) -> bool:
         """Argument JSON under `gbnf`, up to the moment it is a complete value; False if it was cut short.
-        `copy` changes logits as values are written (steering's copy bias, for small models)."""
+        `copy` changes logits as values are written (steering's copy bias, for small models). Where a token opens
+        a value, token healing (`_Healing`) may replace it by one that merges the opening with what follows."""
         self.sampler.use_grammar(gbnf)
         written = ""
         values = _JsonValues()
+        healing = _Healing(self, values, copy) if value_repair() else None
         while True:
             closing = values.closing()
             if closing is not None and self._budget - self.generated <= len(closing):
@@ -316,6 +374,8 @@ class Decoder:
             token = self._next(boost=boost, bias=bias)
             if token is None or self._is_end(token):
                 break
+            if healing is not None:
+                token = healing.token(token, boost, bias)
             piece = self._take(token)
             values.feed(piece)
             written += piece
@@ -332,33 +392,60 @@ class Decoder:
         opening_ban: Sequence[str] = (),
         opening_grammar: str | None = None,
         no_loops: bool = False,
+        cycles: bool = False,
+        stop_after: Callable[[str], int | None] | None = None,
     ) -> str | None:
         """Unconstrained text up to the end of the turn (None) or a trigger, which is returned once written.
         The first token is none of the words in `opening_ban` and follows `opening_grammar` (GBNF), if given;
-        with `no_loops` a repeated line ends the text."""
+        with `no_loops` a repeated line ends the text, with `cycles` a run of repeated tokens (`_Cycles`) does,
+        after its first occurrence; either sets `repetition`. With `stop_after` (given the text up to the end of
+        its last complete line, the offset where the text ends, or None) text is passed on in whole lines only, and
+        the text ends where `stop_after` says (None: the end of the turn); a line the text ends with is complete."""
         self.sampler.use_grammar(opening_grammar)
         ban = self._single_tokens(opening_ban) if opening_ban else None
-        scan = _TextScan(triggers, stops, no_loops=no_loops)
+        scan = _TextScan(triggers, stops, no_loops=no_loops, cycles=cycles)
+        sent = 0  # the text is passed on up to here
         while (token := self._next(ban)) is not None and not self._is_end(token):
             if opening_grammar is not None:
                 self.sampler.use_grammar(None)
                 opening_grammar = None
             ban = None
             start = len(scan.text)
-            scan.add(self._take(token))
+            scan.add(self._take(token), token)
             found = scan.find()
             if found is None:
-                self._emit(scan.release())
+                if (end := _lines_end(stop_after, scan.text)) is not None:
+                    self._emit(scan.text[sent:end])
+                    return None
+                sent = self._pass_on(scan, sent, whole_lines=stop_after is not None)
                 continue
             position, marker = found
-            self._emit(scan.text[scan.released : position])
-            if marker not in triggers:  # a stop string, or a repeated line
+            self._emit(scan.text[sent : _lines_end(stop_after, scan.text[:position], final=True, default=position)])
+            if not marker:
+                self._note_repetition(scan)
+            if marker not in triggers:  # a stop string, or a repetition
                 return None
             self._cut_last_token(scan.text[start : position + len(marker)])
             self._emit(marker)
             return marker
-        self._emit(scan.text[scan.released :])
+        self._emit(scan.text[sent : _lines_end(stop_after, scan.text, final=True, default=len(scan.text))])
         return None
+
+    def _pass_on(self, scan: _TextScan, sent: int, *, whole_lines: bool) -> int:
+        """Emit what `scan` lets through from `sent` on (with `whole_lines`, up to the last complete line only);
+        returns the offset the text is passed on to."""
+        scan.release()
+        end = min(scan.released, scan.text.rfind("\n") + 1) if whole_lines else scan.released
+        self._emit(scan.text[sent:end])
+        return max(sent, end)
+
+    def _note_repetition(self, scan: _TextScan) -> None:
+        self.repetition = True
+        if scan.loop is not None:
+            logger.info("free text cut after %d tokens: the model wrote %r %d times in a row",
+                        self.generated, scan.loop.period, scan.loop.repeats)
+        else:
+            logger.info("free text cut after %d tokens: the model repeated a line", self.generated)
 
     def _single_tokens(self, banned: Sequence[str]) -> np.ndarray:
         """The tokens that spell one of `banned` (or it after a space) on their own."""
@@ -378,24 +465,38 @@ class Decoder:
 
 class _TextScan:
     """Free text seen so far and how much of it is safe to pass on: not the start of a trigger or stop string, and,
-    with `no_loops`, not a line that is so far a copy of an earlier one (a small model's loops end at the copy)."""
+    with `no_loops`, not a line that is so far a copy of an earlier one (a small model's loops end at the copy),
+    and with `cycles`, not text that may turn out to be a copy in a run of repeated tokens (see `_Cycles`)."""
 
-    def __init__(self, triggers: Sequence[str], stops: Sequence[str], no_loops: bool) -> None:
+    def __init__(self, triggers: Sequence[str], stops: Sequence[str], no_loops: bool, cycles: bool = False) -> None:
         self.markers = [m for m in (*triggers, *stops) if m]
         self._hold = max((len(m) for m in self.markers), default=1) - 1
         self._no_loops = no_loops
         self._lines: set[str] = set()
         self._line_start = 0
+        self._cycles = _Cycles() if cycles else None
+        self._cycle_start: int | None = None
         self.text = ""
         self.released = 0
 
-    def add(self, piece: str) -> None:
+    @property
+    def loop(self) -> _Cycles | None:
+        """The cycle detector, once it found a loop (its `period` and `repeats`)."""
+        return self._cycles if self._cycle_start is not None else None
+
+    def add(self, piece: str, token: int | None = None) -> None:
+        """The next piece of text, with the token it came from (the cycle detector needs it)."""
+        if self._cycles is not None and token is not None and self._cycle_start is None:
+            self._cycle_start = self._cycles.add(token, piece)
         self.text += piece
 
     def find(self) -> tuple[int, str] | None:
-        """The earliest trigger or stop string, or ("", position) for a complete line that repeats an earlier one."""
+        """The earliest trigger or stop string, or (position, "") where a loop begins: a run of repeated tokens
+        (after its first occurrence) or a complete line that repeats an earlier one."""
         lo = max(0, self.released - self._hold)
         hits = [(at, m) for at, m in ((self.text.find(m, lo), m) for m in self.markers) if at >= 0]
+        if self._cycle_start is not None:
+            hits.append((self._cycle_start, ""))
         if hits:
             return min(hits)
         while self._no_loops and (newline := self.text.find("\n", self._line_start)) >= 0:
@@ -408,7 +509,7 @@ class _TextScan:
         return None
 
     def release(self) -> str:
-        """The text that can no longer become a marker or a repeated line."""
+        """The text that can no longer become a marker or a repetition."""
         end = len(self.text)
         for cut in range(min(self._hold, end), 0, -1):
             if any(m.startswith(self.text[end - cut :]) for m in self.markers):
@@ -417,8 +518,108 @@ class _TextScan:
         line = self.text[self._line_start : end].strip()
         if self._no_loops and line and any(seen.startswith(line) for seen in self._lines):
             end = min(end, self._line_start)
+        if self._cycles is not None:
+            end = min(end, self._cycles.held_from())
         piece, self.released = self.text[self.released : end], max(self.released, end)
         return piece
+
+
+def _lines_end(
+    stop_after: Callable[[str], int | None] | None, text: str, final: bool = False, default: int | None = None
+) -> int | None:
+    """Where `stop_after` ends `text`, judged on its complete lines (with `final`, its last line is complete too);
+    `default` where it does not."""
+    if stop_after is None:
+        return default
+    lines = text + "\n" if final else text[: text.rfind("\n") + 1]  # a blank line changes nothing
+    end = stop_after(lines)
+    return default if end is None else min(end, len(text))
+
+
+def _repeats_needed(period: str, tokens: int) -> int:
+    """How many times in a row a period of `tokens` tokens spelling `period` must appear before it is a loop.
+    Legitimate text repeats too: table borders and rules (`|---|---|`, `=====`), rows of numbers (`0, 0, 0`) have
+    no letters and need 16; one repeated word ("very very", "ha ha") needs 10; a sentence or a line (24+ characters)
+    3; anything else with letters ("LIMA\\n", "Sent:\\n", "the realm of ") 4."""
+    if not any(char.isalpha() for char in period):
+        return 16
+    if tokens == 1:
+        return 10
+    return 3 if len(period) >= _LONG_CYCLE else 4
+
+
+def _boundary_rank(text: str, at: int) -> int:
+    """How good a place to end `text` offset `at` is: 0 at the end of a line, 1 between words, else 2."""
+    before, after = text[at - 1 : at] if at else "", text[at : at + 1]
+    if before == "\n":
+        return 0
+    return 1 if before.isspace() or after.isspace() else 2
+
+
+class _Cycles:
+    """Runs of repeated tokens at the end of a text: the last tokens repeat a period of p tokens (1 <= p <=
+    `max_period`) r times in a row, as when a small model loops ("LIMA\\nLIMA\\n...", "the realm of the realm of").
+    For every p, `_runs[p]` counts how many tokens in a row equal the token p places before them, so each token costs
+    one vectorised comparison. A loop begins after the period's first occurrence: that is where the text is cut.
+    The first occurrence may differ from its copies in the spacing of its first token ("The" then " The"), so the
+    token before the copies is held back too."""
+
+    def __init__(self, max_period: int = _MAX_CYCLE) -> None:
+        self._tokens = np.zeros(256, dtype=np.int64)
+        self._runs = np.zeros(max_period + 1, dtype=np.int64)
+        self._offsets = [0]  # where each token's text starts in the text, then where the text ends
+        self._pieces: list[str] = []
+        self.period = ""  # the text repeated, once a loop is found
+        self.repeats = 0
+
+    def add(self, token: int, piece: str) -> int | None:
+        """Take the next token and its text; returns the offset in the text where a loop begins, once there is one."""
+        count = len(self._pieces)
+        if count == len(self._tokens):
+            self._tokens = np.concatenate([self._tokens, np.zeros_like(self._tokens)])
+        periods = min(count, len(self._runs) - 1)
+        if periods:
+            before = self._tokens[count - periods : count][::-1]  # the token 1, 2, ... places back
+            self._runs[1 : periods + 1] = np.where(before == token, self._runs[1 : periods + 1] + 1, 0)
+        self._tokens[count] = token
+        self._pieces.append(piece)
+        self._offsets.append(self._offsets[-1] + len(piece))
+        return self._loop_start()
+
+    def _loop_start(self) -> int | None:
+        count = len(self._pieces)
+        sizes = np.arange(len(self._runs))
+        for size in np.flatnonzero((self._runs >= 2 * sizes) & (sizes > 0)).tolist():  # 3 periods in a row at least
+            run = int(self._runs[size])
+            period = "".join(self._pieces[count - size :])
+            if run + size >= _repeats_needed(period, size) * size and self._primitive(size):
+                self.repeats = (run + size) // size
+                return self._cut(self._first_copy(count - run, size), size)
+        return None
+
+    def _first_copy(self, first: int, size: int) -> int:
+        """The token where the copies of the loop begin: `first`, or the token before it where the first occurrence
+        began with the same word spaced otherwise ("The capital ... The capital": the copy begins at " The")."""
+        word = self._pieces[first - 1].strip()
+        return first - 1 if first > size and word and self._pieces[first - size - 1].strip() == word else first
+
+    def _primitive(self, size: int) -> bool:
+        """Whether the loop of period `size` is not a loop of a shorter period too ("ah ah ah" is one of "ah")."""
+        run = self._runs[size]
+        return all(self._runs[d] < run + size - d for d in range(1, size // 2 + 1) if size % d == 0)
+
+    def _cut(self, first: int, size: int) -> int:
+        """Where the text ends: after the period's first occurrence (before token `first`), moved on by less than
+        one period to the end of a line, else to a word boundary, where there is one (`Sent:\n`, not `:\nSent`)."""
+        text = "".join(self._pieces)
+        cuts = self._offsets[first : first + size]
+        index = min(range(size), key=lambda i: (_boundary_rank(text, cuts[i]), i))
+        self.period = text[cuts[index] : self._offsets[first + index + size]]
+        return cuts[index]
+
+    def held_from(self) -> int:
+        """The offset from which the text may still be a copy in a loop, to be held back until that is settled."""
+        return self._offsets[max(0, len(self._pieces) - int(self._runs.max()) - 1)]
 
 
 class _JsonValues:
@@ -451,6 +652,13 @@ class _JsonValues:
         if self._number:
             return "number", self._value
         return ("start", "") if self._expect and self._string is None else ("", "")
+
+    def after(self, piece: str) -> _JsonValues:
+        """Where the JSON would stand after `piece` (this one does not move)."""
+        probe = shallow_copy(self)
+        probe._stack = list(self._stack)
+        probe.feed(piece)
+        return probe
 
     def feed(self, piece: str) -> None:
         for char in piece:
@@ -491,6 +699,117 @@ class _JsonValues:
             if self._stack:
                 self._stack.pop()
             self._expect = False
+
+
+class _Healing:
+    """Token healing where a value starts (the technique of llama.cpp's examples and guidance, here inside the JSON
+    grammar).
+
+    SmolLM2's tokenizer merges a quote with the punctuation after it (` "/`, ` "$`, ` "#`, ` ".`, ` "-`), so its
+    training wrote "/tmp/old.log" as ` "/` + `tmp`...; after the bare quote ` "` the model is at a token boundary it
+    never saw before a "/", and writes "tmp/old.log". So where the picked token opens a value (a bare quote, or only
+    space) and longer tokens start with its text, the choice is made again among them, as a choice of the value's
+    first character: a longer token weighs its own logit, the picked one its logit plus the log-probability of the
+    likeliest first character after it (one token of look-ahead, under the grammar). The copy bias (`ValueBias`)
+    favours merged tokens that begin a span of the conversation, and the look-ahead sees it too. Longer tokens that
+    go on with a closing or separating character or a quote (` ",`, ` ")`, ` ""`) are left out: in the text the
+    model learnt from they end a value, they do not start one.
+    """
+
+    def __init__(self, decoder: Decoder, values: _JsonValues, copy: ValueBias | None) -> None:
+        self._decoder = decoder
+        self._values = values
+        self._copy = copy
+        self._vocabulary = _Vocabulary.of(decoder.llama)
+
+    def token(self, picked: int, boost: Sequence[int], bias: Sequence[float]) -> int:
+        """`picked`, or the longer token that replaces it; `boost` and `bias` are the logit changes it was picked
+        with."""
+        opener = self._vocabulary.texts[picked]
+        after = self._values.after(opener)
+        longer = self._vocabulary.openings(opener) if _opens_value(self._values, opener, after) else None
+        if longer is None or not len(longer):
+            return picked
+        logits = self._decoder.logits()
+        np.add.at(logits, list(boost), list(bias))
+        if self._copy is not None:
+            merged, extra = self._copy.logits("opener", opener)
+            np.add.at(logits, list(merged), list(extra))
+        if logits[longer].max() < logits[picked] - _HEALING_REACH:
+            return picked
+        choices = np.full_like(logits, -np.inf)
+        choices[longer] = logits[longer]
+        choices[picked] = logits[picked] + self._first_character(picked, after)
+        chosen = self._decoder.sampler.sample(choices)
+        return picked if chosen is None else chosen
+
+    def _first_character(self, picked: int, after: _JsonValues) -> float:
+        """The log-probability of the likeliest first character after `picked`, under the grammar and the copy
+        bias (over the likeliest `_LOOK_AHEAD` tokens: the grammar is slow on the whole vocabulary)."""
+        logits = self._decoder.logits_after(picked)
+        if self._copy is not None:
+            boost, bias = self._copy.logits(*after.current())
+            np.add.at(logits, list(boost), list(bias))
+        ids = np.argpartition(logits, -_LOOK_AHEAD)[-_LOOK_AHEAD:].astype(np.intc)
+        allowed = self._decoder.sampler.refused_after(picked, ids, logits[ids])
+        return self._vocabulary.likeliest_first_character(ids, allowed)
+
+
+def _opens_value(before: _JsonValues, opener: str, after: _JsonValues) -> bool:
+    """`opener` opens a string value and writes none of it, or is only space where a value starts."""
+    if after.current() == ("string", ""):
+        return before.current()[0] != "string"
+    return before.current() == ("start", "") and opener.isspace()
+
+
+class _Vocabulary:
+    """Every token's text, and its first character as a group number (for token healing); built once per model."""
+
+    @classmethod
+    def of(cls, llama: Any) -> _Vocabulary:
+        found = _VOCABULARIES.get(llama)
+        if found is None:
+            found = _VOCABULARIES[llama] = cls(llama)
+        return found
+
+    def __init__(self, llama: Any) -> None:
+        pieces = (llama.detokenize([token], special=False) for token in range(llama.n_vocab()))
+        self.texts = [piece.decode("utf-8", errors="replace") for piece in pieces]
+        firsts, self._group = np.unique([text[:1] for text in self.texts], return_inverse=True)
+        self._groups = len(firsts)
+        self._has_text = np.array([bool(text) for text in self.texts])
+        self._longer: dict[str, np.ndarray] = {}
+
+    def openings(self, prefix: str) -> np.ndarray:
+        """The tokens whose text is `prefix` and more, where the more has no quote and does not start with a
+        closing or separating character (see `_Healing`)."""
+        if prefix not in self._longer:
+            found = [
+                token
+                for token, text in enumerate(self.texts)
+                if text.startswith(prefix) and text != prefix and _may_open(text[len(prefix) :])
+            ]
+            self._longer[prefix] = np.array(found, dtype=np.intc)
+        return self._longer[prefix]
+
+    def likeliest_first_character(self, ids: np.ndarray, allowed: np.ndarray) -> float:
+        """The log-probability that the next token's text starts with its likeliest first character, among the
+        tokens `ids` whose `allowed` logits are finite (the probabilities of those that start with each character,
+        summed); -inf where none may come."""
+        usable = np.isfinite(allowed) & self._has_text[ids]
+        if not usable.any():
+            return float("-inf")
+        weights = np.exp(allowed[usable] - allowed[usable].max())
+        mass = np.bincount(self._group[ids[usable]], weights=weights, minlength=self._groups)
+        return float(np.log(mass.max() / weights.sum()))
+
+
+_VOCABULARIES: weakref.WeakKeyDictionary[Any, _Vocabulary] = weakref.WeakKeyDictionary()
+
+
+def _may_open(text: str) -> bool:
+    """Whether a value may start with `text`, as far as token healing goes."""
+    return '"' not in text and text[:1] not in ",;:!?)]}>"
 
 
 def _parses_as_json(text: str) -> bool:

@@ -4,7 +4,9 @@ from the decoder so a Functionary GGUF user can read decoding without them.
 A 135M model fills arguments from its prior rather than from what the user said, calls some tool for nearly any
 question, makes one call where the user listed several, and echoes the protocol or a tool result instead of
 answering. Here: grounding (`Evidence`, `Review`), which tools a request is about (`Relevance`), further calls for
-listed values (`FurtherCalls`), the copy bias (`CopyBias`) and how a text may open (`text_opening`).
+listed values (`FurtherCalls`), the copy bias (`CopyBias`) and how a text may open (`text_opening`); the review
+also repairs values that lost their leading punctuation (`restore_leading`) and finds enum values the user named by a
+synonym (`named_enum_values`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from functionary_agent._openai_messages import message_text
+from functionary_agent.models._llama_decode import value_repair
 from functionary_agent.models.base import ToolCall
 
 # A number as people write it: thousands grouped by three ("2,500,000") or plain ("0.75", "-18"); a list such as
@@ -43,10 +46,16 @@ class Review:
     default applies. Where text may replace the call (tool_choice "auto"), a call none of whose required values is
     grounded, or one the conversation already made, is rejected: the model writes text instead. An array that
     ran to `max_items` is a loop (the model never closed it): its repeated items are dropped.
+
+    Values are repaired first (unless the private switch `VALUE_REPAIR_SWITCH` is off): a string that the
+    conversation writes only with leading punctuation gets it back ("tmp/old.log" -> "/tmp/old.log", "sunset" ->
+    "#sunset"; `restore_leading`), and an enum property takes the value the request names (`named_enum_values`).
     """
 
     def __init__(self, messages: Sequence[Mapping[str, Any]], max_items: int | None = None) -> None:
-        self._evidence = Evidence(evidence_text(messages))
+        self._source = evidence_text(messages)
+        self._evidence = Evidence(self._source)
+        self._request = request_text(messages)
         self._max_items = max_items
         self._made = [(call.name, _loads(call.arguments)) for m in messages for call in _calls_of(m)]
 
@@ -59,11 +68,23 @@ class Review:
             return arguments
         required = set((spec.parameters or {}).get("required") or ())
         value = {key: _unlooped(item, self._max_items) for key, item in value.items()}
-        kept = {key: item for key, item in value.items() if key in required or self._evidence.supports(item)}
+        named = self._repair(spec.parameters or {}, value) if value_repair() else {}
+        kept = {k: item for k, item in value.items() if k in required or k in named or self._evidence.supports(item)}
         if may_reject and (not self._grounded(kept, required) or self._repeats(spec.name, kept, required)):
             return None
         unchanged = kept == value and json.loads(arguments) == value
         return arguments if unchanged else json.dumps(kept, ensure_ascii=False)
+
+    def _repair(self, parameters: Mapping[str, Any], value: dict[str, Any]) -> dict[str, Any]:
+        """Repairs `value` in place (see the class); returns the enum values the request named."""
+        declared = parameters.get("properties")
+        properties: Mapping[str, Any] = declared if isinstance(declared, Mapping) else {}
+        for key, item in value.items():
+            if not isinstance(properties.get(key), Mapping) or "enum" not in properties[key]:
+                value[key] = restore_leading(item, self._source)
+        named = named_enum_values(properties, self._request)
+        value.update(named)
+        return named
 
     def _repeats(self, name: str, arguments: Mapping[str, Any], required: set[str]) -> bool:
         """The conversation already made this call: same function, same required values (optional values only
@@ -79,6 +100,87 @@ class Review:
         """At least one required value occurs in the conversation (or no required value could)."""
         checkable = [item for key, item in arguments.items() if key in required and _checkable(item)]
         return not checkable or any(self._evidence.supports(item) for item in checkable)
+
+
+# A span of text as a value may copy it: what stands between spaces, without the brackets, quotes and sentence
+# punctuation around it ("(/tmp/old.log)." -> "/tmp/old.log")
+_SPAN = re.compile(r"[^\s(\[{<\"'`](?:\S*[^\s.,;:!?)\]}>\"'`])?")
+
+
+def restore_leading(value: Any, source: str) -> Any:
+    """`value` with the leading punctuation it lost: a string that `source` never writes as a span of its own, only
+    after punctuation ("tmp/old.log" where the user wrote "/tmp/old.log"; "12" for "$12"; "env" for ".env"), becomes
+    that span, if exactly one; strings inside lists and objects alike."""
+    if isinstance(value, list):
+        return [restore_leading(item, source) for item in value]
+    if isinstance(value, dict):
+        return {key: restore_leading(item, source) for key, item in value.items()}
+    if not isinstance(value, str) or not value:
+        return value
+    spans = set(_SPAN.findall(source))
+    if value in spans:
+        return value
+    longer = {span for span in spans if span.endswith(value) and not any(c.isalnum() for c in span[: -len(value)])}
+    return longer.pop() if len(longer) == 1 else value
+
+
+def named_enum_values(properties: Mapping[str, Any], request: str) -> dict[str, str]:
+    """For each enum property (of strings) whose values the request names exactly one of, that value.
+
+    A value is named by itself, by a word its description gives it, or by an abbreviation. Its description's words:
+    the description is cut into clauses (at , ; | and "or"), and a clause that mentions one value names it by the
+    words next to the mention (up to two, after it or else before it: "c for Celsius", "Celsius (c)"); glue words,
+    the property's own name and words given to several values do not count. A request word names a value's word
+    when equal, when it is a prefix of it of 3+ letters ("Fahr"), when the word is a prefix of it with at most 3
+    more letters ("mile", "miles"), or as a single capital letter the word starts with ("F" for "fahrenheit")."""
+    words = [word for word in words_of(request) if word not in _GLUE]
+    capitals = {letter.lower() for letter in re.findall(r"(?<![\w])[A-Z](?![\w])", request)}
+    named: dict[str, str] = {}
+    for key, prop in properties.items():
+        values = [v for v in prop.get("enum") or () if isinstance(v, str)] if isinstance(prop, Mapping) else []
+        if len(values) < 2:
+            continue
+        names = _enum_names(values, str(prop.get("description") or ""), set(words_of(str(key))))
+        chosen = [v for v in values if any(_names(word, name, word in capitals) for word in words for name in names[v])]
+        if len(chosen) == 1:
+            named[key] = chosen[0]
+    return named
+
+
+def _enum_names(values: Sequence[str], description: str, own: set[str]) -> dict[str, set[str]]:
+    """The words that name each enum value: its own, and those its description gives it."""
+    names = {value: set(words_of(value)) for value in values}
+    given: dict[str, set[str]] = {value: set() for value in values}
+    for clause in re.split(r"[,;|\n]|\bor\b|\.\s", description):
+        clause_words = words_of(clause)
+        mentioned = [v for v in values if _mention(clause_words, names[v]) is not None]
+        if len(mentioned) != 1:
+            continue
+        start, end = _mention(clause_words, names[mentioned[0]]) or (0, 0)
+        after = [w for w in clause_words[end:] if w not in _GLUE and w not in own]
+        before = [w for w in clause_words[:start] if w not in _GLUE and w not in own]
+        given[mentioned[0]].update(after[:2] if after else before[-2:])
+    shared = {word for value in values for word in given[value] if sum(word in given[v] for v in values) > 1}
+    return {value: names[value] | (given[value] - shared) for value in values}
+
+
+def _mention(words: Sequence[str], name: set[str]) -> tuple[int, int] | None:
+    """Where a value's words (`name`) stand in `words`: the first and one past the last index, if all appear."""
+    places = [index for index, word in enumerate(words) if word in name]
+    if not name or not places or {words[index] for index in places} != name:
+        return None
+    return places[0], places[-1] + 1
+
+
+def _names(word: str, name: str, capital: bool) -> bool:
+    """Whether a request's `word` names an enum value's word `name` (see `named_enum_values`)."""
+    if word == name:
+        return True
+    if len(word) >= 3 and name.startswith(word):
+        return True
+    if len(name) >= 4 and word.startswith(name) and len(word) - len(name) <= 3:
+        return True
+    return capital and len(word) == 1 and name.startswith(word)
 
 
 def descriptions(tools: Sequence[Mapping[str, Any]]) -> str:
@@ -271,8 +373,8 @@ def _entity_pattern(value: Any) -> str | None:
         return r"[\w\-]+(?:[._@][\w\-]+)+" if len(words) == 1 else None  # a file or address name
     if all(word.isupper() and len(word) > 1 for word in words):
         return r"\s+".join([r"[A-Z]{2,}"] * len(words))
-    if all(word[:1].isupper() for word in words):
-        return r"\s+".join([r"[A-Z\u00c0-\u00de][\w'\-]*"] * len(words))
+    if all(word[:1].isupper() for word in words):  # a name has two letters at least ("in F" names no city)
+        return r"\s+".join([r"[A-Z\u00c0-\u00de][\w'\-]+"] * len(words))
     return None
 
 
@@ -355,11 +457,16 @@ class CopyBias:
     """Favours argument values copied from the conversation (`source`: the user's, system and tool messages).
 
     A small model fills arguments from its prior (the example in a description, a round number). Adding `bias` to the
-    logits of the tokens that begin a word of the source (at the start of a string value) or finish a word or number
-    of the source that the value has begun makes it copy what the user said instead; a string that would begin like
-    a name or a quoted example of the tool descriptions (`examples`) that the conversation never used gets `bias`
-    taken off. Where the
-    value already is a whole word or number of the source, nothing is favoured: going on is the model's call.
+    logits of the tokens that begin a span of the source (at the start of a string value) or go on with a word or
+    number of the source that the value has begun makes it copy what the user said instead; a string that would
+    begin like a name or a quoted example of the tool descriptions (`examples`) that the conversation never used
+    gets `bias` taken off. Where the value already is a whole word or number of the source, nothing is favoured:
+    going on is the model's call.
+
+    A value starts best where a span of the source starts: after a space, a quote or a bracket. "/tmp/old.log" is
+    such a span; its inner words ("tmp") get half the bias only, so a path keeps its "/". Where the tokenizer merges
+    the opening quote with what follows (` "/`, ` "$`, ` "#`), the merged token is favoured ("opener", see
+    `ValueBias`).
     """
 
     def __init__(self, llama: Any, source: str, bias: float, examples: str = "") -> None:
@@ -367,22 +474,25 @@ class CopyBias:
         self._bias = bias
         self._text = source
         self._lower = source.lower()
-        self._word_starts = [m.start() for m in re.finditer(r"(?<![\w])\w", source)]
+        self._repair = value_repair()  # off (a private switch): every word start alike, as before spans counted
+        self._span_starts = _span_starts(source) if self._repair else []
+        spans = set(self._span_starts)
+        self._inner_starts = [m.start() for m in re.finditer(r"(?<![\w])\w", source) if m.start() not in spans]
+        self._inner_bias = bias / 2 if self._repair else bias
         self._numbers = numbers_in(source)
         self._first: dict[str, int | None] = {}
         known = set(re.findall(r"\w+", self._lower))
         named = re.findall(r"\b[A-Z]\w{2,}", examples) + re.findall(r"[\"']([^\"'\n]{3,40})[\"']", examples)
         unsaid = {word for word in named if word.lower() not in known}
         starts = {t for t in map(self._first_token, unsaid) if t is not None}
-        self._unsaid = sorted(starts - set(self._string_tokens("")))
+        self._unsaid = sorted(starts - set(self._string_tokens("", self._span_starts + self._inner_starts)))
 
     def logits(self, kind: str, written: str) -> tuple[list[int], list[float]]:
         """The tokens to favour (or, with a negative value, disfavour) next, and by how much."""
         if kind == "string":
-            favoured = self._string_tokens(written)
-            if not written:  # a value that begins like a word of the tool descriptions the user never said
-                return [*favoured, *self._unsaid], [self._bias] * len(favoured) + [-self._bias] * len(self._unsaid)
-            return favoured, [self._bias] * len(favoured)
+            return self._string_logits(written)
+        if kind == "opener":
+            return self._opener_logits(written)
         if kind == "start":  # a number begins like one the conversation states (the grammar says if one fits)
             favoured = sorted({t for t in map(self._first_token, self._numbers) if t is not None})
             return favoured, [self._bias] * len(favoured)
@@ -392,15 +502,36 @@ class CopyBias:
             return favoured, [self._bias] * len(favoured)
         return [], []
 
-    def _string_tokens(self, written: str) -> list[int]:
+    def _string_logits(self, written: str) -> tuple[list[int], list[float]]:
+        if written:
+            favoured = self._string_tokens(written, self._span_starts + self._inner_starts)
+            return favoured, [self._bias] * len(favoured)
+        # a value that begins like a span of the source; less, like a word inside one; never like a word of the
+        # tool descriptions the user never said
+        spans = self._string_tokens("", self._span_starts)
+        inner = [t for t in self._string_tokens("", self._inner_starts) if t not in spans]
+        tokens = [*spans, *inner, *self._unsaid]
+        bias = [self._bias] * len(spans) + [self._inner_bias] * len(inner) + [-self._bias] * len(self._unsaid)
+        return tokens, bias
+
+    def _opener_logits(self, opener: str) -> tuple[list[int], list[float]]:
+        """The tokens that write `opener` (the text opening a value: a quote, a space) together with the start of a
+        span of the source, as the tokenizer itself would write them (` "/` for "/tmp/old.log")."""
+        alone = self._first_token(opener)
+        merged = {self._first_token(opener + self._text[at : at + 24]) for at in self._span_starts}
+        favoured = sorted(t for t in merged if t is not None and t != alone)
+        return favoured, [self._bias] * len(favoured)
+
+    def _string_tokens(self, written: str, starts: Sequence[int]) -> list[int]:
+        """The first tokens of what follows `written` where the source has it at one of `starts`, as long as that
+        goes on with a word (or, for a value not yet begun, with anything)."""
         key = written.lower()
         found = set()
-        for at in self._word_starts:
+        for at in starts:
             if not self._lower.startswith(key, at):
                 continue
             end = at + len(written)
-            inside_word = end < len(self._text) and self._text[end].isalnum() and (not written or written[-1].isalnum())
-            if inside_word:
+            if end < len(self._text) and _goes_on(written, self._text[end], self._repair):
                 token = self._first_token(self._text[end : end + 24])
                 if token is not None:
                     found.add(token)
@@ -411,3 +542,25 @@ class CopyBias:
             tokens = self._llama.tokenize(text.encode(), add_bos=False, special=False) if text else []
             self._first[text] = tokens[0] if tokens else None
         return self._first[text]
+
+
+def _span_starts(text: str) -> list[int]:
+    """Where a value copied from `text` may start: each run of non-space characters, past the quotes and brackets
+    that open it ("/tmp/old.log", "$12", "@jane", "'Paris'"; not "tmp" inside "/tmp", nor "s" in "What's")."""
+    starts = []
+    for run in re.finditer(r"\S+", text):
+        opening = len(run.group()) - len(run.group().lstrip("\"'`([{<"))
+        if opening < len(run.group()):
+            starts.append(run.start() + opening)
+    return starts
+
+
+def _goes_on(written: str, following: str, spans: bool) -> bool:
+    """Whether copying `written` should go on with the source's next character: a value not yet begun with
+    anything, a begun one only inside a word ("Pari" + "s", "/" + "tmp"; not "Paris" + ",", "New " + "York").
+    Without `spans` (value repair off), as before: only letters and digits, and within a word."""
+    if not spans:
+        return following.isalnum() and (not written or written[-1].isalnum())
+    if not written:
+        return not following.isspace()
+    return following.isalnum() and not written[-1].isspace()

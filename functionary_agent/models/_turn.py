@@ -7,19 +7,33 @@ the user listed, and shapes how text may open. The decoder (`_llama_decode`) kno
 
 Decoder states used here: `mark` (a checkpoint), `hold` (keep output back), `release` (pass it on, maybe with the
 reviewed arguments in place of what was written), `discard` + `rewind` (drop a rejected call and go back).
+
+Runaway guards (on unless `FUNCTIONARY_AGENT_RUNAWAY_GUARDS=off`, a switch for measuring them): a call identical to
+one already made in this turn (same name, same arguments) ends the turn with the calls made so far, and prose ends
+where the model starts to loop (`Decoder.free_text`'s `cycles`).
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from functionary_agent.formats import CallGrammar, CallSpec, arguments_gbnf
+from functionary_agent.models._code_segment import CodeEnd, code_opening
 from functionary_agent.models._llama_decode import Decoder
 from functionary_agent.models._steering import CopyBias, text_opening
 
 CallReview = Callable[[CallSpec, str, bool], "str | None"]
+logger = logging.getLogger(__name__)
+
+
+def runaway_guards_on() -> bool:
+    """Whether the runaway guards are on: they are unless `FUNCTIONARY_AGENT_RUNAWAY_GUARDS` is "off" (or "0")."""
+    return os.environ.get("FUNCTIONARY_AGENT_RUNAWAY_GUARDS", "").strip().lower() not in {"off", "0", "false"}
 
 
 @dataclass(frozen=True)
@@ -46,6 +60,7 @@ class TurnPlan:
     copy_source: str = ""  # the conversation's text, for `CopyBias`
     copy_bias: float = 0.0
     copy_examples: str = ""  # the tool descriptions, for `CopyBias`
+    runaway_guards: bool = field(default_factory=runaway_guards_on)  # see the module's docstring
 
     def arguments_grammar(self, spec: CallSpec) -> str:
         parameters = _nonempty_required_strings(spec.parameters)
@@ -73,6 +88,7 @@ def run_turn(decoder: Decoder, plan: TurnPlan) -> None:
     grammar = plan.grammar
     openers: Mapping[str, CallSpec | None] = grammar.first_openers()
     calls, may_stop, first = 0, False, plan.calls_first
+    made: set[tuple[str, str]] = set()  # the JSON calls of this turn, see `_call_key`
     while openers:
         mark = decoder.mark()
         decoder.hold()
@@ -82,22 +98,25 @@ def run_turn(decoder: Decoder, plan: TurnPlan) -> None:
             decoder.release()
             return
         if isinstance(target, CallSpec) and target.parameters is not None:
-            outcome = _json_call(decoder, plan, target, _text_opener(openers))
+            outcome = _json_call(decoder, plan, target, _text_opener(openers), made)
             if outcome is _STOP:
                 return
             if outcome is not _REJECTED:
-                made = _further_calls(decoder, plan, target, outcome, calls + 1)
-                if made > calls + 1 or (plan.max_calls is not None and made >= plan.max_calls):
+                count = _further_calls(decoder, plan, target, outcome, calls + 1, made)
+                if count > calls + 1 or (plan.max_calls is not None and count >= plan.max_calls):
                     return  # the limit, or a list the further calls have covered: the turn is complete
-                calls = made
+                calls = count
                 openers, may_stop = grammar.openers(), calls >= grammar.min_calls
                 continue
             decoder.discard()
             decoder.rewind(mark)
             decoder.force(_text_opener(openers) or "")
             target = None
-        decoder.release()
-        marker = _free_text(decoder, plan, steered=plan.prose and target is None)  # text, or raw code
+        if target is None:
+            decoder.release()
+        marker = _free_text(decoder, plan) if target is None else _code_cell(decoder, plan, mark)
+        if marker is _STOP:
+            return
         calls += target is not None
         if marker is None or (plan.max_calls is not None and calls >= plan.max_calls):
             return
@@ -108,14 +127,16 @@ _STOP: Any = object()
 _REJECTED: Any = object()
 
 
-def _further_calls(decoder: Decoder, plan: TurnPlan, spec: CallSpec, arguments: str, calls: int) -> int:
+def _further_calls(
+    decoder: Decoder, plan: TurnPlan, spec: CallSpec, arguments: str, calls: int, made: set[tuple[str, str]]
+) -> int:
     """Steering: after a call, the further calls of the same tool that `plan.further` derives (the other values
     the user listed), written as the model would write them. Returns the number of calls made so far."""
     openers = plan.grammar.openers().items()
     opener = next((o for o, target in openers if target is not None and target.name == spec.name), None)
     while plan.further is not None and opener is not None and (plan.max_calls is None or calls < plan.max_calls):
         following = plan.further(spec.name, arguments)
-        if following is None:
+        if following is None or (plan.runaway_guards and not _first_time(made, spec.name, following)):
             break
         decoder.force(opener + following + spec.end)
         arguments, calls = following, calls + 1
@@ -151,8 +172,11 @@ def _text_opener(openers: Mapping[str, CallSpec | None]) -> str | None:
     return next((opener for opener, target in openers.items() if target is None), None)
 
 
-def _json_call(decoder: Decoder, plan: TurnPlan, spec: CallSpec, text_opener: str | None) -> Any:
-    """Decode one call's arguments and let the review keep, tidy or reject them; returns the arguments kept."""
+def _json_call(
+    decoder: Decoder, plan: TurnPlan, spec: CallSpec, text_opener: str | None, made: set[tuple[str, str]]
+) -> Any:
+    """Decode one call's arguments and let the review keep, tidy or reject them; returns the arguments kept.
+    With the runaway guards on, a call identical to one in `made` is dropped and ends the turn (_STOP)."""
     start = decoder.held_size()
     copy = CopyBias(decoder.llama, plan.copy_source, plan.copy_bias, plan.copy_examples) if plan.copy_bias else None
     if not decoder.json_arguments(plan.arguments_grammar(spec), copy):
@@ -161,15 +185,63 @@ def _json_call(decoder: Decoder, plan: TurnPlan, spec: CallSpec, text_opener: st
     arguments = plan.review(spec, decoder.held_text(start), text_opener is not None)
     if arguments is None:
         return _REJECTED
+    if not _first_time(made, spec.name, arguments) and plan.runaway_guards:
+        decoder.discard()
+        logger.info("turn ended at a repeated call: %s(%s) was already made in this turn", spec.name, arguments)
+        return _STOP
     decoder.release(start, arguments)
     if spec.end:
         decoder.force(spec.end)
     return arguments
 
 
-def _free_text(decoder: Decoder, plan: TurnPlan, *, steered: bool) -> str | None:
-    """Text (or raw code) up to the end of the turn or a trigger; steered text opens as `text_opening` says."""
-    if not steered:
-        return decoder.free_text(plan.triggers, plan.stops)
+def _free_text(decoder: Decoder, plan: TurnPlan) -> str | None:
+    """Text up to the end of the turn or a trigger; steered text opens as `text_opening` says.
+    Prose (not code: it may well repeat lines) ends where it starts to loop, with the runaway guards on."""
+    cycles = plan.runaway_guards
+    if not plan.prose:
+        return decoder.free_text(plan.triggers, plan.stops, cycles=cycles)
     ban, grammar = text_opening(after_result=plan.after_result)
-    return decoder.free_text(plan.triggers, plan.stops, opening_ban=ban, opening_grammar=grammar, no_loops=True)
+    return decoder.free_text(plan.triggers, plan.stops, opening_ban=ban, opening_grammar=grammar, no_loops=True,
+                             cycles=cycles)
+
+
+def _code_cell(decoder: Decoder, plan: TurnPlan, mark: tuple[int, int]) -> Any:
+    """A raw-code call's cell, its opener still held. Steered, the cell opens like Python and ends before its first
+    line that is not Python (`_code_segment`). A blank cell is no call: it goes, with its opener, and the turn ends
+    (_STOP). Returns the trigger the cell ended with, or None (the turn ends)."""
+    start = decoder.held_size()
+    end = CodeEnd() if plan.prose else None
+    if end is None:
+        marker = decoder.free_text(plan.triggers, plan.stops)
+    else:
+        ban, grammar = code_opening()
+        marker = decoder.free_text(plan.triggers, plan.stops, opening_ban=ban, opening_grammar=grammar, stop_after=end)
+    written = decoder.held_text(start)
+    if not written[: len(written) - len(marker or "")].strip():
+        decoder.discard()
+        decoder.rewind(mark)
+        logger.info("turn ended at an empty code cell: no call was made of it")
+        return _STOP
+    decoder.release()
+    if end is not None and end.line:
+        logger.info("code cell ended before a line that is not Python: %r", end.line[:80])
+    return marker
+
+
+def _first_time(made: set[tuple[str, str]], name: str, arguments: str) -> bool:
+    """Record the call `name(arguments)`; False when this turn already made it."""
+    key = _call_key(name, arguments)
+    if key in made:
+        return False
+    made.add(key)
+    return True
+
+
+def _call_key(name: str, arguments: str) -> tuple[str, str]:
+    """A call's identity: its name and its arguments as JSON with sorted keys (spacing and order do not count)."""
+    try:
+        canonical = json.dumps(json.loads(arguments), sort_keys=True, ensure_ascii=False)
+    except ValueError:
+        canonical = arguments.strip()
+    return name, canonical

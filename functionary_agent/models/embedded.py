@@ -19,8 +19,10 @@ import ctypes
 import importlib.util
 import logging
 import os
+import re
 import sys
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -95,6 +97,11 @@ class EmbeddedModel(ChatModel):
     template. Other keyword arguments are default request settings: `temperature` (0: greedy), `top_k`, `top_p`,
     `min_p`, `repeat_penalty`, `frequency_penalty`, `presence_penalty`, `max_tokens`, `stop`, `max_items` and
     `max_length` (bounds on arrays and strings in call arguments, so a tiny model cannot loop inside one).
+
+    The prompt's protocol markers are the vocabulary's special tokens; the same text inside a message, a tool
+    result or a tool definition is plain text (a user cannot inject a marker). `tokenizer_json` is the model's
+    Hugging Face `tokenizer.json`: where its added tokens disagree with the GGUF's, a warning is logged and the
+    prompt's markers take tokenizer.json's ids (the ids the model was trained with).
     """
 
     def __init__(
@@ -105,6 +112,7 @@ class EmbeddedModel(ChatModel):
         n_ctx: int = 4096,
         n_threads: int | None = None,
         seed: int = 0,
+        tokenizer_json: str | os.PathLike[str] | None = None,
         **sampling: Any,
     ) -> None:
         path = Path(model_path).expanduser() if model_path is not None else default_model_path()
@@ -117,7 +125,8 @@ class EmbeddedModel(ChatModel):
         self.n_ctx = n_ctx
         self.n_threads = n_threads or _default_threads()
         self.settings = {"seed": seed, **_checked_settings(sampling)}
-        self._engine = _SharedLlama.for_file(self.model_path, n_ctx, self.n_threads)
+        tokenizer = Path(tokenizer_json).expanduser().resolve() if tokenizer_json is not None else None
+        self._engine = _SharedLlama.for_file(self.model_path, n_ctx, self.n_threads, tokenizer)
 
     _shared: dict[tuple[Any, ...], EmbeddedModel] = {}  # noqa: RUF012 - a process-wide registry on purpose
     _shared_lock = threading.Lock()
@@ -236,22 +245,23 @@ class _TurnRequest:
 class _SharedLlama:
     """One loaded `Llama` and the lock that serialises it; shared by every model on the same file and context."""
 
-    _engines: dict[tuple[Path, int, int], _SharedLlama] = {}  # noqa: RUF012 - a process-wide registry on purpose
+    _engines: dict[tuple[Path, int, int, Path | None], _SharedLlama] = {}  # noqa: RUF012 - process-wide on purpose
     _engines_lock = threading.Lock()
 
-    def __init__(self, path: Path, n_ctx: int, n_threads: int) -> None:
+    def __init__(self, path: Path, n_ctx: int, n_threads: int, tokenizer_json: Path | None = None) -> None:
         self.path, self.n_ctx, self.n_threads = path, n_ctx, n_threads
+        self.tokenizer_json = tokenizer_json
         self.lock = threading.Lock()
         self._llama: Any = None
         self._format: str | None = None
         self._cache: Any = None
 
     @classmethod
-    def for_file(cls, path: Path, n_ctx: int, n_threads: int) -> _SharedLlama:
+    def for_file(cls, path: Path, n_ctx: int, n_threads: int, tokenizer_json: Path | None = None) -> _SharedLlama:
         with cls._engines_lock:
-            key = (path, n_ctx, n_threads)
+            key = (path, n_ctx, n_threads, tokenizer_json)
             if key not in cls._engines:
-                cls._engines[key] = cls(path, n_ctx, n_threads)
+                cls._engines[key] = cls(path, n_ctx, n_threads, tokenizer_json)
             return cls._engines[key]
 
     def detected_format(self) -> str:
@@ -276,6 +286,7 @@ class _SharedLlama:
             from llama_cpp.llama_cache import LlamaRAMCache
 
             llama = _load_llama(self.path, self.n_ctx, self.n_threads)
+            _special_tables[llama] = _special_tokens(llama, self.tokenizer_json)
             self._format = _detect(llama, self.path)
             self._cache = LlamaRAMCache(capacity_bytes=_CACHE_BYTES)
             self._llama = llama
@@ -315,7 +326,7 @@ class _SharedLlama:
                 sampler.close()
         usage = {"prompt_tokens": len(tokens), "completion_tokens": decoder.generated,
                  "total_tokens": len(tokens) + decoder.generated, "prompt_tokens_details": {"cached_tokens": reused}}
-        return stream.finish(usage, length=decoder.exhausted)
+        return stream.finish(usage, length=decoder.exhausted, repetition=decoder.repetition)
 
     def _swap_cached_state(self, llama: Any, tokens: Sequence[int]) -> None:
         """Park the context's state when another conversation is about to overwrite it, and bring back a parked
@@ -351,19 +362,171 @@ class _Stream:
             self._accumulator.add(delta)
             self._emit(delta)
 
-    def finish(self, usage: dict[str, Any], *, length: bool) -> AssistantMessage:
+    def finish(self, usage: dict[str, Any], *, length: bool, repetition: bool = False) -> AssistantMessage:
+        """The whole message; a text cut by the budget says "length", one cut where it began to loop "repetition"."""
         rest, finish_reason = self._parser.finish()
         self._send(rest)
         if length and finish_reason == "stop":
             finish_reason = "length"
+        elif repetition and finish_reason == "stop":
+            finish_reason = "repetition"
         return replace(self._accumulator.message(finish_reason), usage=usage)
 
 
 def _prompt_tokens(
     llama: Any, fmt: Format, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]], choice: Any
 ) -> list[int]:
-    prompt = fmt.render(list(messages), list(tools), tool_choice=choice)
-    return list(llama.tokenize(prompt.encode(), add_bos=True, special=True))
+    """The prompt's tokens: the format's protocol markers as the special tokens they are, and every text that came
+    in (messages, tool results, tool definitions) as plain text, even where it spells a marker: a user or a tool
+    result cannot end a turn or open a call by writing `<|eot_id|>` or `<|im_start|>`."""
+    specials = _specials_of(llama)
+    masker = _Masker(specials)
+    masked_messages, masked_tools = masker.mask(list(messages)), masker.mask(list(tools))
+    if not masker.texts:  # the usual case: llama.cpp splits the prompt at its special tokens itself
+        prompt = fmt.render(list(messages), list(tools), tool_choice=choice)
+        return list(llama.tokenize(prompt.encode(), add_bos=True, special=True))
+    masked = fmt.render(masked_messages, masked_tools, tool_choice=choice)
+    _check_masked(masked, masker.texts, fmt.render(list(messages), list(tools), tool_choice=choice))
+    return _split_tokenize(llama, specials, masked, masker.texts)
+
+
+_MASK_OPEN, _MASK_CLOSE = "\ue000", "\ue001"  # private-use characters around a placeholder; no format writes them
+_MASKED = re.compile(f"{_MASK_OPEN}([0-9]+){_MASK_CLOSE}")
+
+
+class _SpecialTokens:
+    """A vocabulary's special tokens (llama.cpp's control and user-defined tokens) by their text, and patterns that
+    find them, the longest first as llama.cpp matches them."""
+
+    def __init__(self, ids: Mapping[str, int]) -> None:
+        self.ids = dict(ids)
+        texts = "|".join(re.escape(text) for text in sorted(self.ids, key=len, reverse=True))
+        self.pattern = re.compile(texts) if texts else None
+        self.splitter = re.compile(f"{_MASK_OPEN}(?P<masked>[0-9]+){_MASK_CLOSE}" + (f"|{texts}" if texts else ""))
+
+
+_special_tables: weakref.WeakKeyDictionary[Any, _SpecialTokens] = weakref.WeakKeyDictionary()
+
+
+def _specials_of(llama: Any) -> _SpecialTokens:
+    """The special tokens of a loaded `Llama` (read once per model; `_SharedLlama` fills this when it loads)."""
+    table = _special_tables.get(llama)
+    if table is None:
+        table = _special_tables[llama] = _special_tokens(llama)
+    return table
+
+
+def _special_tokens(llama: Any, tokenizer_json: Path | None = None) -> _SpecialTokens:
+    """The control and user-defined tokens of the GGUF's vocabulary (what llama.cpp's `special=True` matches),
+    reconciled with the model's tokenizer.json when there is one."""
+    import llama_cpp
+
+    vocab = llama_cpp.llama_model_get_vocab(llama.model)
+    wanted = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+    ids: dict[str, int] = {}
+    for token in range(llama.n_vocab()):
+        if llama_cpp.llama_vocab_get_attr(vocab, token) & wanted:
+            text = llama_cpp.llama_vocab_get_text(vocab, token).decode("utf-8", errors="replace")
+            if text:
+                ids.setdefault(text, token)
+    if tokenizer_json is not None:
+        ids = _reconciled(ids, _added_special_tokens(tokenizer_json), llama.n_vocab(), tokenizer_json)
+    return _SpecialTokens(ids)
+
+
+def _added_special_tokens(path: Path) -> dict[str, int]:
+    """The special added tokens of a Hugging Face tokenizer.json, text to id; {} (and a warning) for a file that
+    cannot be read."""
+    import json
+
+    try:
+        added = json.loads(path.read_text(encoding="utf-8")).get("added_tokens") or []
+    except (OSError, ValueError, AttributeError) as exc:
+        logger.warning("cannot read the special tokens of %s (%s); the GGUF's are used", path, exc)
+        return {}
+    return {
+        entry["content"]: entry["id"]
+        for entry in added
+        if isinstance(entry, Mapping) and entry.get("special") and isinstance(entry.get("content"), str)
+        and isinstance(entry.get("id"), int) and not isinstance(entry.get("id"), bool)
+    }
+
+
+def _reconciled(gguf_ids: dict[str, int], hf_ids: Mapping[str, int], n_vocab: int, source: Path) -> dict[str, int]:
+    """The GGUF's special tokens, with tokenizer.json's id for each added token the two disagree on (the ids the
+    model was trained with); a warning names the disagreements."""
+    differing = {text: token for text, token in hf_ids.items() if gguf_ids.get(text) != token}
+    if not differing:
+        return gguf_ids
+    usable = {text: token for text, token in differing.items() if 0 <= token < n_vocab}
+    shown = "; ".join(f"{text} is {gguf_ids.get(text, 'no special token')} in the GGUF, {token} in tokenizer.json"
+                      for text, token in list(differing.items())[:5])
+    logger.warning(
+        "%s: %d special token(s) disagree with the GGUF's vocabulary (%s%s); the prompt uses tokenizer.json's ids%s",
+        source, len(differing), shown, "; ..." if len(differing) > 5 else "",
+        "" if len(usable) == len(differing) else f" where they fit the vocabulary ({n_vocab} tokens)",
+    )
+    return {**gguf_ids, **usable}
+
+
+class _Masker:
+    """Copies of the input with each special token's text replaced by a placeholder, so that in the rendered
+    prompt every special token's text left is one the format wrote."""
+
+    def __init__(self, specials: _SpecialTokens) -> None:
+        self._pattern = specials.pattern
+        self._index: dict[str, int] = {}
+        self.texts: list[str] = []  # what each placeholder stands for, by its number
+
+    def mask(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self._pattern.sub(self._placeholder, value) if self._pattern is not None else value
+        if isinstance(value, Mapping):
+            return {self.mask(key): self.mask(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self.mask(item) for item in value]
+        return value
+
+    def _placeholder(self, match: re.Match[str]) -> str:
+        number = self._index.setdefault(match.group(), len(self.texts))
+        if number == len(self.texts):
+            self.texts.append(match.group())
+        return f"{_MASK_OPEN}{number}{_MASK_CLOSE}"
+
+
+def _check_masked(masked: str, texts: Sequence[str], prompt: str) -> None:
+    """A format that rewrote a placeholder (escaped it, say) leaves the model a slightly different text; say so."""
+    restored = _MASKED.sub(lambda m: texts[int(m[1])] if int(m[1]) < len(texts) else m[0], masked)
+    if restored != prompt:
+        logger.warning("the prompt format rewrote text that spells a special token; the model reads that part in a "
+                       "slightly different spelling, as plain text")
+
+
+def _split_tokenize(llama: Any, specials: _SpecialTokens, masked: str, texts: Sequence[str]) -> list[int]:
+    """The tokens of a masked prompt: the format's special-token texts as those tokens, each placeholder as the
+    plain text it stands for, and the text between special tokens as plain text, split where llama.cpp splits
+    a whole prompt (so without placeholders this equals `tokenize(prompt, special=True)`)."""
+    tokens = list(llama.tokenize(b"", add_bos=True, special=False))  # the BOS token, where the model wants one
+    plain: list[str] = []
+
+    def flush() -> None:
+        if plain:
+            tokens.extend(llama.tokenize("".join(plain).encode(), add_bos=False, special=False))
+            plain.clear()
+
+    position = 0
+    for match in specials.splitter.finditer(masked):
+        plain.append(masked[position : match.start()])
+        position = match.end()
+        if match["masked"] is None:
+            flush()
+            tokens.append(specials.ids[match.group()])
+        else:
+            number = int(match["masked"])
+            plain.append(texts[number] if number < len(texts) else match.group())
+    plain.append(masked[position:])
+    flush()
+    return tokens
 
 
 def _plan(fmt: Format, request: _TurnRequest) -> tuple[Any, Any, int]:
