@@ -6,7 +6,7 @@ Prompts of our own (never BFCL items), each with one tool and the value one argu
 with punctuation or a sign ("/tmp/old.log", "~/notes.txt", ".env", "$12", "@maria_k", "#sunset", "-5", "--verbose")
 and enum values the user names by a synonym ("in Fahrenheit" for enum ["c", "f"] described "c for Celsius, f for
 Fahrenheit"). Each runs with value repair on and off, side by side: token healing of the opening quote
-(`_llama_decode._Healing`) and, where steering is on, the review's repairs (`_steering.restore_leading`,
+(`_json_values._Healing`) and, where steering is on, the review's repairs (`_steering.restore_leading`,
 `_steering.named_enum_values`). The off switch is the private environment variable
 FUNCTIONARY_AGENT_VALUE_REPAIR=0, set here for the "off" runs only.
 
@@ -28,7 +28,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from functionary_agent.models._llama_decode import VALUE_REPAIR_SWITCH  # noqa: E402
+from functionary_agent.models._json_values import VALUE_REPAIR_SWITCH  # noqa: E402
 from functionary_agent.models.embedded import EmbeddedModel  # noqa: E402
 
 

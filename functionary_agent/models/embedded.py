@@ -304,6 +304,7 @@ class _SharedLlama:
     ) -> AssistantMessage:
         """One turn, start to finish, holding the lock; `emit` gets each delta."""
         from functionary_agent.models import _llama_decode as decode
+        from functionary_agent.models._sampler import Sampler
         from functionary_agent.models._turn import run_turn
 
         with self.lock:
@@ -317,7 +318,7 @@ class _SharedLlama:
             self._swap_cached_state(llama, tokens)
             pending, reused = decode.prefill(llama, tokens)
             stream = _Stream(fmt, request, emit)
-            sampler = decode.Sampler(llama, sampling)
+            sampler = Sampler(llama, sampling)
             decoder = decode.Decoder(llama, sampler, pending=pending, budget=min(budget_cap, self.n_ctx - len(tokens)),
                                      emit=stream.feed, cancelled=cancelled)
             try:
@@ -531,7 +532,7 @@ def _split_tokenize(llama: Any, specials: _SpecialTokens, masked: str, texts: Se
 
 def _plan(fmt: Format, request: _TurnRequest) -> tuple[Any, Any, int]:
     """The request's call grammar and limits, its sampling settings, and its token budget."""
-    from functionary_agent.models import _llama_decode as decode
+    from functionary_agent.models._sampler import Sampling
     from functionary_agent.models._turn import TurnPlan
 
     settings = request.settings
@@ -559,7 +560,7 @@ def _plan(fmt: Format, request: _TurnRequest) -> tuple[Any, Any, int]:
         copy_bias=float(settings.get("copy_bias", _COPY_BIAS if steer else 0.0)),
         copy_examples=descriptions(request.tools),
     )
-    sampling = decode.Sampling(**{key: settings[key] for key in _SAMPLING_KEYS if key in settings})
+    sampling = Sampling(**{key: settings[key] for key in _SAMPLING_KEYS if key in settings})
     budget = int(settings.get("max_tokens") or settings.get("max_completion_tokens") or DEFAULT_MAX_TOKENS)
     if budget < 1:
         raise ConfigurationError(f"max_tokens must be at least 1, got {budget}")
