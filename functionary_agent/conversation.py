@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -111,9 +112,10 @@ class Conversation:
         **settings: Any,
     ) -> None:
         config = RunConfig(
-            tool_choice, max_turns, parallel_tool_calls, max_concurrency, max_identical_calls, on_approval,
-            limits or Limits(), max_result_chars, context_window, history, trace_content, deps, output_retries,
-            settings,
+            tool_choice=tool_choice, max_turns=max_turns, parallel_tool_calls=parallel_tool_calls,
+            max_concurrency=max_concurrency, max_identical_calls=max_identical_calls, on_approval=on_approval,
+            limits=limits or Limits(), max_result_chars=max_result_chars, context_window=context_window,
+            history=history, trace_content=trace_content, deps=deps, output_retries=output_retries, request=settings,
         )
         model, owns_model = resolve_model(model, base_url=base_url, api_key=api_key)  # close what we made
         self._setup(model, owns_model, config, [{"role": "system", "content": system}] if system else [])
@@ -134,9 +136,9 @@ class Conversation:
         self.last_end: RunEnd | None = None  # how the last run ended (answer, paused, limit, error, cancelled)
 
     @property
-    def settings(self) -> dict[str, Any]:
-        """The sampling settings sent with every request (a copy: assign to change them)."""
-        return dict(self.config.request)
+    def settings(self) -> Mapping[str, Any]:
+        """The sampling settings sent with every request, read-only (assign a new dict to change them)."""
+        return types.MappingProxyType(dict(self.config.request))
 
     @settings.setter
     def settings(self, value: Mapping[str, Any]) -> None:
