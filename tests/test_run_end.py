@@ -200,3 +200,13 @@ def test_the_cli_reports_a_pause_without_a_terminal_and_exits_3(tmp_path: Path, 
     assert "--approve delete_file" in paused.stderr
     assert approved.returncode == 0, approved.stderr
     assert approved.stdout.strip().endswith("Deleted.") and Path(target + ".deleted").exists()
+
+
+def test_the_bundled_model_cut_by_max_tokens_is_flagged() -> None:
+    """The real embedded engine: an answer stopped by `max_tokens` is an answer marked cut, never a whole one."""
+    chat = Conversation(max_tokens=6)
+    events = list(chat.stream("Write a long story about a lighthouse keeper and the sea."))
+    final = events[-1]
+    assert isinstance(final, FinalAnswer) and final.content
+    assert final.truncated and final.finish_reason == "length"
+    assert chat.last_end is not None and chat.last_end.truncated
