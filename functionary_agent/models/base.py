@@ -15,7 +15,6 @@ from typing import Any
 from functionary_agent import _sync
 from functionary_agent._openai_messages import new_call_id
 from functionary_agent.messages import AssistantMessage, ToolCall, ToolChoice
-from functionary_agent.messages import arguments_text as arguments_text  # engines import it from here too
 
 Delta = dict[str, Any]
 

@@ -45,19 +45,10 @@ from tenacity import (
     wait_random,
 )
 
+from functionary_agent._openai_messages import new_call_id
 from functionary_agent.errors import ConfigurationError, ModelError
-from functionary_agent.models.base import (
-    AssistantMessage,
-    ChatModel,
-    Delta,
-    DeltaAccumulator,
-    StreamItem,
-    ToolCall,
-    ToolChoice,
-    arguments_text,
-    new_call_id,
-    stream_call_index,
-)
+from functionary_agent.messages import AssistantMessage, ToolCall, ToolChoice, arguments_text
+from functionary_agent.models.base import ChatModel, Delta, DeltaAccumulator, StreamItem, stream_call_index
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
