@@ -56,6 +56,8 @@ __all__ = ["Content", "Conversation"]
 
 
 Content = str | list[dict[str, Any]] | None
+"""What a user message holds: text, a list of OpenAI content parts (e.g. `{"type": "text", "text": ...}`), or
+None, which adds no message and continues the chat as it is."""
 T = TypeVar("T")
 
 
@@ -71,17 +73,46 @@ class Conversation:
     submit; later turns use "auto", otherwise the model could never answer. A turn that repeats one call more than
     `max_identical_calls` times handles it once and tells the model so for each copy. The settings are one frozen
     `RunConfig` (`config`); each is also an attribute (`chat.limits = Limits(...)` replaces the config).
+
+    Attributes:
+        model: The engine every request goes to.
+        messages: The chat so far as OpenAI chat dicts (system, user, assistant and tool messages); a run
+            appends to this list.
+        config: Every run setting as one frozen value, checked when made; assigning a setting attribute replaces
+            it. A run uses the settings as they are when it starts.
+        last_usage: What the current or last run cost (a resumed run goes on counting in it).
+        last_end: How the last run ended (a `RunEnd`: answer, paused, limit, error, cancelled); None before the
+            first run.
+
+    Raises:
+        ConfigurationError: A setting is out of range (e.g. `max_turns` under 1, `context_window` under 256),
+            or the model choice cannot work (a bad server URL, no GGUF file at the path given).
+        ToolDefinitionError: A tool cannot be made from one of `tools`, or two have the same name.
     """
 
     tool_choice: Setting[ToolChoice] = Setting()
+    """Whether the model may, must or must not call a tool (see `ToolChoice`). A forced choice applies to the first
+    model turn of each run; later turns use "auto"."""
     max_turns: Setting[int] = Setting()
+    """The most model turns in one run (at least 1); a model still calling tools after the last one raises
+    `MaxTurnsExceeded`."""
     parallel_tool_calls: Setting[bool] = Setting()
+    """Whether the calls of one turn run at once (False: one at a time)."""
     max_identical_calls: Setting[int] = Setting()
+    """How many identical calls (same name and arguments) one turn may hold before the copies after the first are
+    not run; each copy gets a note instead (at least 1)."""
     limits: Setting[Limits] = Setting()
+    """The per-run budgets of requests, tool calls and tokens; crossing one raises `UsageLimitExceeded`."""
     max_result_chars: Setting[int | None] = Setting()
+    """The most characters of a tool result the model reads back (head and tail kept) unless the tool sets its
+    own; None: no bound. At least 100."""
     trace_content: Setting[bool] = Setting()
-    deps: Setting[Any] = Setting()  # handed to tools through their `RunContext` parameter
-    output_retries: Setting[int] = Setting()  # invalid typed answers sent back before OutputValidationError
+    """Whether OpenTelemetry spans record message contents, call arguments and results (off by default: they may
+    be private)."""
+    deps: Setting[Any] = Setting()
+    """Any object handed to tools through their `RunContext` parameter (a database handle, an HTTP client)."""
+    output_retries: Setting[int] = Setting()
+    """How many invalid typed answers (with `output_type`) go back to the model before `OutputValidationError`."""
     on_approval: Setting[ApprovalCallback | None] = Setting()
     """Decides calls that need a yes: `fn(call)` (sync or async) returns True, False or a reason to decline with,
     or None to leave the call waiting; no callback (None) pauses the run instead (`ApprovalRequired`, then
@@ -216,7 +247,9 @@ class Conversation:
 
     async def aregister_openapi(self, spec: Mapping[str, Any] | str | os.PathLike[str], **options: Any) -> list[Tool]:
         """Register a tool per operation of an OpenAPI 3.x document (a dict, a file, or a URL). Options:
-        `base_url`, `headers`, `include` (operationIds or a predicate), `timeout`, `max_response_chars`."""
+        `base_url`, `headers`, `include` (operationIds or a predicate), `timeout`, `max_response_chars`, and the
+        guards: `trusted_origins` (more origins that may receive `headers`), `other_origins` ("refuse" or
+        "without_headers": what a call served elsewhere gets), `allow_link_local`. See `openapi.openapi_tools`."""
         return await self.aregister_source(await integrations.open_openapi(spec, **options))
 
     async def aregister_source(self, source: ToolSource) -> list[Tool]:
@@ -254,10 +287,17 @@ class Conversation:
         return fork
 
     def unregister(self, name: str) -> None:
+        """Remove the tool called `name`; the next request no longer offers it. A name that is not registered is
+        ignored. Nothing is closed: a sandbox or tool source behind the tool closes with the conversation.
+
+        Args:
+            name: The tool's name, as the model sees it.
+        """
         self._tools.pop(name, None)
 
     @property
     def tools(self) -> list[Tool]:
+        """The registered tools, in the order they were registered (a new list: changing it changes nothing)."""
         return list(self._tools.values())
 
     def tool_specs(self) -> list[dict[str, Any]]:
@@ -332,6 +372,22 @@ class Conversation:
         return _sync.run(self.asubmit(content, output_type=output_type))
 
     def stream(self, content: Content = None, *, output_type: Any = None) -> Iterator[Event]:
+        """`astream` from sync code: run the conversation to a final answer, yielding events as they happen.
+
+        Args:
+            content: The user message to add (None continues the chat as it is).
+            output_type: A type the answer must match; the `FinalAnswer` then carries the value as `output`.
+
+        Returns:
+            An iterator of events that ends with `FinalAnswer`, or with `ApprovalRequested` when calls wait for a
+            person. Leaving the loop early cancels running calls; each still gets its tool message.
+
+        Raises:
+            ConversationBusyError: Another run of this conversation is under way.
+            ApprovalRequired: A previous run left calls waiting (answer them with `resume` first).
+            LimitExceeded: The run reached `max_turns` or one of its `limits`.
+            ModelError: The model or its server failed.
+        """
         return _sync.iterate(self.astream(content, output_type=output_type))
 
     def _answer_rule(self, output_type: Any) -> AnswerRule:
@@ -419,6 +475,11 @@ class Conversation:
         await _close_all(closers)
 
     def close(self) -> None:
+        """`aclose` from sync code: release the sandbox, tool sources and model client this conversation started.
+
+        Raises:
+            CloseError: Several of them failed to close (a single failure is raised as it is).
+        """
         _sync.run(self.aclose())
 
     def __enter__(self) -> Conversation:

@@ -48,7 +48,13 @@ class ModelError(FunctionaryAgentError):
 
 class OutputValidationError(ModelError):
     """The model's typed answer still did not match `output_type` after the retries; `raw` is its last output
-    (the arguments of its final call, or its text) and `errors` says what was wrong."""
+    (the arguments of its final call, or its text) and `errors` says what was wrong.
+
+    Attributes:
+        output_type: The type the answer had to match.
+        raw: The model's last output: the arguments of its final call, or its text.
+        errors: What was wrong with it: the validation errors, as text.
+    """
 
     def __init__(self, output_type: object, raw: str, errors: str) -> None:
         name = getattr(output_type, "__name__", None) or repr(output_type)
@@ -59,7 +65,11 @@ class OutputValidationError(ModelError):
 class ApprovalRequired(FunctionaryAgentError):
     """The run paused: `calls` (`PendingCall`s: `.arguments` is a dict) need a person's yes. Every message is kept
     (the assistant message with its calls is the last one); `chat.resume({call.id: True, other.id: "reason to
-    decline"})` goes on, in this process or after `save`/`load` in another."""
+    decline"})` goes on, in this process or after `save`/`load` in another.
+
+    Attributes:
+        calls: The `PendingCall`s that wait for a decision, in the order the model made them.
+    """
 
     def __init__(self, calls: Sequence[PendingCall]) -> None:
         names = ", ".join(f"{call.name} ({call.id})" for call in calls)
@@ -71,7 +81,14 @@ class ApprovalRequired(FunctionaryAgentError):
 
 class LimitExceeded(FunctionaryAgentError):
     """A run reached one of its limits; `limit` names it, `value` is its setting and `reached` what the run got
-    to. Every message so far is kept on the conversation: raise the limit and `submit()` again to go on."""
+    to. Every message so far is kept on the conversation: raise the limit and `submit()` again to go on.
+
+    Attributes:
+        limit: The name of the setting reached ("max_turns", "max_requests", "max_tool_calls",
+            "max_total_tokens").
+        value: The setting's value.
+        reached: What the run got to (for `max_tool_calls`, the count it would have reached with the turn's calls).
+    """
 
     def __init__(self, limit: str, value: int, reached: int, message: str) -> None:
         super().__init__(message)
@@ -79,7 +96,11 @@ class LimitExceeded(FunctionaryAgentError):
 
 
 class MaxTurnsExceeded(LimitExceeded):
-    """The model kept calling tools past `max_turns`; the messages so far are kept on the conversation."""
+    """The model kept calling tools past `max_turns`; the messages so far are kept on the conversation.
+
+    Attributes:
+        max_turns: The conversation's `max_turns` setting that was reached.
+    """
 
     def __init__(self, max_turns: int) -> None:
         super().__init__(
@@ -116,7 +137,11 @@ class ConversationBusyError(FunctionaryAgentError, RuntimeError):
 
 class CloseError(FunctionaryAgentError):
     """Several resources failed to close; every one was still attempted. `errors` holds each failure in order
-    (a single failure is raised as it is)."""
+    (a single failure is raised as it is).
+
+    Attributes:
+        errors: The exceptions, in the order the resources were closed.
+    """
 
     def __init__(self, errors: Sequence[Exception]) -> None:
         details = "; ".join(f"{type(error).__name__}: {error}" for error in errors)

@@ -25,7 +25,14 @@ DepsT = TypeVar("DepsT")
 
 @dataclass(frozen=True)
 class RunContext(Generic[DepsT]):
-    """Given to a tool parameter annotated with it; never part of the tool's schema."""
+    """Given to a tool parameter annotated with it; never part of the tool's schema.
+
+    Attributes:
+        deps: The conversation's `deps` (whatever was passed as `Conversation(deps=...)`; None by default).
+        call_id: The id of the call being run.
+        usage: The usage of the run so far (the conversation's `last_usage`, still being counted).
+        conversation: The conversation running the call; read it, do not change it while the run goes on.
+    """
 
     deps: DepsT
     call_id: str

@@ -20,12 +20,22 @@ __all__ = ["Reply", "ReplyFunction", "ScriptedModel", "ScriptedRequest", "call",
 
 
 Reply = str | Mapping[str, Any] | AssistantMessage
+"""One scripted model turn: a text answer (str), an assistant message in OpenAI's shape (a mapping; its calls may
+be written flat as `{"name": ..., "arguments": {...}}`, see `call`), or an `AssistantMessage`."""
 ReplyFunction = Callable[["ScriptedRequest"], Reply]
+"""A function that writes each reply from the request the conversation sent (called once per model turn)."""
 
 
 @dataclass
 class ScriptedRequest:
-    """What the conversation sent for one model turn (a deep copy, safe to inspect later)."""
+    """What the conversation sent for one model turn (a deep copy, safe to inspect later).
+
+    Attributes:
+        messages: The chat messages sent, in OpenAI's shape.
+        tools: The tool specs sent (OpenAI tool dicts); empty when none were.
+        tool_choice: The `tool_choice` of the request.
+        settings: Every other keyword argument of the request (sampling settings such as `temperature`).
+    """
 
     messages: list[dict[str, Any]]
     tools: list[dict[str, Any]]
@@ -39,6 +49,13 @@ class ScriptedModel(ChatModel):
 
     Streaming cuts text and arguments into `chunk_size` pieces, like a real server. `delay` (seconds) makes
     each reply take time, for tests of concurrency.
+
+    Attributes:
+        chunk_size: The length, in characters, of the text and argument pieces a streamed reply is cut into.
+        delay: Seconds each request waits before its reply.
+        requests: Every request received so far, in order (streamed or not).
+
+    A request after the last reply of a list raises `ModelError`.
     """
 
     def __init__(self, replies: Iterable[Reply] | ReplyFunction, *, chunk_size: int = 3, delay: float = 0.0) -> None:

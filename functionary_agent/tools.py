@@ -47,13 +47,25 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 TOOL_NAME_PATTERN = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+"""What a tool name must match (OpenAI's rule): 1 to 64 letters, digits, `_` or `-`."""
 _REPR_LIMIT = 80
 Approval = bool | Callable[[dict[str, Any]], bool]  # does a call (by its arguments) need a person's yes?
+"""Whether a tool's calls need a person's yes before they run: True (every call), False (none), or a function
+of the call's arguments (a dict) that returns True for the calls that do. A predicate that raises, or arguments
+that are not one JSON object, count as True."""
 
 
 @dataclass(frozen=True)
 class ToolOutcome:
-    """What one call produced: the tool message content, and whether it reports a fault."""
+    """What one call produced: the tool message content, and whether it reports a fault.
+
+    Attributes:
+        content: The text the model reads back: the result as text, or `Error: ...` for a fault.
+        is_error: Whether `content` reports a fault (bad arguments, an exception, a timeout).
+        duration: Seconds the call took, from parsing its arguments to its result text.
+        transient: Whether the fault may pass on its own (a timeout, a lost connection, an exception with a true
+            `transient` attribute), so an identical call may be tried again in the same run.
+    """
 
     content: str
     is_error: bool = False
@@ -66,6 +78,21 @@ class Tool:
 
     Build one with `Tool.from_function`, the `@tool` decorator or `Tool.from_openai`; a `Tool` stays callable
     like the function it wraps.
+
+    Attributes:
+        name: The name the model calls it by (it matches `TOOL_NAME_PATTERN`).
+        description: What the model is told the tool does; "" for none.
+        parameters: The JSON schema of its arguments, as sent to the model.
+        handler: The callable a call runs (sync or async).
+        timeout: Seconds a call may run before it gives the model a timeout error; None: no bound.
+        max_result_chars: The most characters of a result the model reads back (head and tail kept); None: the
+            conversation's `max_result_chars`.
+        approve: Whether calls need a person's yes before they run (see `Approval`).
+
+    Raises:
+        ToolDefinitionError: The name does not match `TOOL_NAME_PATTERN`, `timeout` is not positive, or
+            `approve` is neither a bool nor callable.
+        ConfigurationError: `max_result_chars` is not None or an int of at least 100.
     """
 
     def __init__(

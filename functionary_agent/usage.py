@@ -20,7 +20,16 @@ __all__ = ["Limits", "Usage"]
 
 @dataclass
 class Usage:
-    """Requests sent, tool calls run and tokens spent; `cached_tokens` are prompt tokens the engine reused."""
+    """Requests sent, tool calls run and tokens spent; `cached_tokens` are prompt tokens the engine reused.
+
+    Attributes:
+        requests: Model requests sent (one per model response, whether or not its server reported tokens).
+        tool_calls: Tool calls the model made that the run answered (run, declined or repeated).
+        prompt_tokens: Prompt (input) tokens, as the engines reported them.
+        completion_tokens: Generated (output) tokens, as the engines reported them.
+        cached_tokens: The part of `prompt_tokens` the engine reused from an earlier request instead of reading
+            again; 0 when the server does not report it.
+    """
 
     requests: int = 0
     tool_calls: int = 0
@@ -30,6 +39,7 @@ class Usage:
 
     @property
     def total_tokens(self) -> int:
+        """`prompt_tokens` plus `completion_tokens`."""
         return self.prompt_tokens + self.completion_tokens
 
     def add_response(self, usage: Mapping[str, Any] | None) -> None:
@@ -52,6 +62,11 @@ class Usage:
         return Usage(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
 
     def to_dict(self) -> dict[str, int]:
+        """The counts as a dict.
+
+        Returns:
+            Each field by name, plus `total_tokens`.
+        """
         return {**asdict(self), "total_tokens": self.total_tokens}
 
     def summary(self) -> str:
@@ -65,7 +80,18 @@ class Usage:
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-run budgets; None leaves a measure unbounded. Each must be a positive integer."""
+    """Per-run budgets; None leaves a measure unbounded. Each must be a positive integer.
+
+    Attributes:
+        max_requests: The most model requests one run may send; None: no bound.
+        max_tool_calls: The most tool calls one run may answer; a turn whose calls would pass it runs none of
+            them. None: no bound.
+        max_total_tokens: A run sends no further request once its prompt plus completion tokens reach this;
+            None: no bound. It is checked before each request, so the last one may pass it.
+
+    Raises:
+        ConfigurationError: A setting is not a positive integer or None.
+    """
 
     max_requests: int | None = None
     max_tool_calls: int | None = None
@@ -89,6 +115,15 @@ class Limits:
         return self.max_tool_calls is None or run.tool_calls + count <= self.max_tool_calls
 
     def tool_calls_exceeded(self, run: Usage, count: int) -> UsageLimitExceeded:
+        """The error for a turn whose `count` calls do not fit `max_tool_calls` (see `calls_allowed`).
+
+        Args:
+            run: This run's usage so far.
+            count: The number of calls the turn would add.
+
+        Returns:
+            The `UsageLimitExceeded` to raise (it is returned, not raised), with the count the run would reach.
+        """
         assert self.max_tool_calls is not None
         return UsageLimitExceeded("max_tool_calls", self.max_tool_calls, run.tool_calls + count)
 

@@ -34,7 +34,6 @@ from .seccomp import UNAVAILABLE as _FILTER_UNAVAILABLE
 
 logger = logging.getLogger(__name__)
 
-#: Parent environment variables the kernel may see; everything else (API keys, tokens) stays out.
 ENV_ALLOWLIST = (
     "PATH",
     "LANG",
@@ -47,6 +46,8 @@ ENV_ALLOWLIST = (
     "TZ",
     "TERM",
 )
+"""The parent environment variables a local kernel may see; every other one (API keys, tokens) stays out. The
+sandbox's own variables (HOME, thread counts) and those passed as `env=` are added after them."""
 
 _CAP_SETPCAP = 8
 _HERE = Path(__file__).resolve().parent
@@ -84,6 +85,19 @@ class Isolation:
     `syscall_filter` is True when the kernel runs under the seccomp deny-list of `sandbox/seccomp.py`.
     `memory_limit` is "memory cgroup" when the sandbox as a whole (kernel and children) is capped, else
     "RLIMIT_AS" (each process on its own); `cpu_limit` is "cpu cgroup" or "none".
+
+    Attributes:
+        mode: "root", "userns", "none", or "gateway" for a kernel on a gateway (where nothing of this machine
+            applies and the other fields say nothing about it).
+        network_blocked: Whether the kernel has no network but its own loopback.
+        process_limit: What caps its processes and threads: "pids cgroup", "RLIMIT_NPROC", or "none" (as root
+            without a writable pids cgroup and isolation off).
+        uid: The kernel's user id on the host (-1 for a gateway).
+        gid: The kernel's group id on the host (-1 for a gateway).
+        capabilities_dropped: Whether the kernel runs without Linux capabilities.
+        syscall_filter: Whether the kernel runs under the seccomp deny-list.
+        memory_limit: "memory cgroup" (the sandbox as a whole is capped) or "RLIMIT_AS" (each process on its own).
+        cpu_limit: "cpu cgroup" (the sandbox's CPU time is capped) or "none".
     """
 
     mode: str

@@ -104,6 +104,22 @@ class KernelSandbox:
     the gateway keeps the variables it allows (Kernel Gateway: `KERNEL_*` and its `env_whitelist`). Unreachable
     gateways and refused tokens raise `KernelStartError` with the URL and the reason; a connection lost during a
     cell is reported in that cell's result, like a dead local kernel.
+
+    Attributes:
+        timeout: The default time limit of one execution, in seconds (`execute(timeout=...)` overrides it).
+        isolation: What the OS enforces for the kernel; its `mode` is "gateway" for a kernel on a gateway.
+        workdir: The working folder on this machine, as an absolute path: the one passed, or a new temporary
+            folder removed on close.
+
+    Raises:
+        ValueError: A limit is out of range (`timeout` not positive, `memory_mb` under 256, `max_processes`
+            under 16, `max_output_chars` under 100, `max_file_mb` under 1, `max_cpus` outside 0.01 to 1024), or
+            `isolation` is neither "auto" nor "none".
+        IsolationUnavailableError: This machine cannot contain the kernel, or `isolation="none"` without
+            `network=True`.
+        SandboxConfigurationError: A local-only setting with `gateway_url`, gateway settings without it, or the
+            packages of the chosen backend are missing.
+        WorkdirInUseError: The workdir belongs to another live sandbox.
     """
 
     def __init__(
@@ -229,6 +245,7 @@ class KernelSandbox:
 
     @property
     def closed(self) -> bool:
+        """True once the sandbox is closed (by `close`, `aclose`, garbage collection or interpreter exit)."""
         return not self._finalizer.alive
 
     def _ensure_open(self) -> None:
@@ -274,6 +291,13 @@ class KernelSandbox:
         self._loop.call(self._engine.reset())
 
     async def areset(self) -> None:
+        """Async twin of `reset`: replace the kernel with a fresh one (all variables are lost; files in the
+        workdir stay).
+
+        Raises:
+            SandboxClosedError: The sandbox is closed.
+            KernelStartError: The fresh kernel did not come up.
+        """
         self._ensure_open()
         await self._loop.acall(self._engine.reset())
 
@@ -287,6 +311,8 @@ class KernelSandbox:
         self._after_close.append(callback)
 
     async def aclose(self) -> None:
+        """Async twin of `close`: kill the kernel and everything it spawned, and remove the workdir if the sandbox
+        created it; the work runs in a thread, so the caller's loop is not blocked. Safe to call twice."""
         await asyncio.to_thread(self._finalizer)
 
     def __enter__(self) -> KernelSandbox:

@@ -47,6 +47,10 @@ class SandboxPool:
 
     `workdir` cannot be pooled (each sandbox makes its own, removed with it). Bad settings raise at once, from
     the first sandbox the pool makes. Thread-safe.
+
+    Attributes:
+        size: The most sandboxes the pool holds at once, handed out or waiting.
+        acquire_timeout: The default number of seconds `acquire` waits while every sandbox is handed out.
     """
 
     def __init__(self, size: int = 4, *, acquire_timeout: float = 30.0, **sandbox_settings: Any) -> None:
@@ -85,6 +89,7 @@ class SandboxPool:
 
     @property
     def closed(self) -> bool:
+        """True once the pool is closed (its sandboxes are closed and `acquire` raises `SandboxClosedError`)."""
         return self._closed
 
     def acquire(self, timeout: float | None = None) -> KernelSandbox:

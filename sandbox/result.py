@@ -11,7 +11,13 @@ from .output import truncate
 
 @dataclass(frozen=True)
 class CellError:
-    """An exception raised by the executed code; `traceback` is plain text (ANSI codes removed)."""
+    """An exception raised by the executed code; `traceback` is plain text (ANSI codes removed).
+
+    Attributes:
+        ename: The exception's class name (e.g. "ZeroDivisionError").
+        evalue: The exception's message.
+        traceback: The traceback as the kernel formatted it, one text without ANSI colour codes.
+    """
 
     ename: str
     evalue: str
@@ -24,6 +30,31 @@ class ExecutionResult:
 
     `images` and `files` are paths on the host; `to_model_text` shows them as the code sees them
     (under /mnt/data when that mount exists).
+
+    Attributes:
+        stdout: What the code printed to standard output (head and tail kept past `max_chars`).
+        stderr: What the code printed to standard error (head and tail kept past `max_chars`).
+        result: The text form (`text/plain`) of the cell's last expression value; None when it has none.
+        data: Every non-image form of that value by MIME type ("text/plain", "text/html", ...); empty when the
+            cell has no value.
+        displays: The texts of displayed outputs that are not images (`display(...)`), in order.
+        error: The exception the code raised; None when it raised none.
+        images: The images the cell displayed (a plot, say), saved as files in the workdir on the host.
+        files: The files in the workdir that the cell created or changed (images left out), as host paths;
+            always empty for a gateway's kernel.
+        timed_out: Whether the cell ran past its timeout (it was interrupted, or its kernel restarted).
+        restarted: Whether the kernel was replaced during or before this execution (variables are lost).
+        kernel_died: Whether the kernel died (or, on a gateway, was lost) while the cell ran.
+        memory_exceeded: Whether the sandbox went over its memory cap and was killed, while the cell ran or since
+            the last one (local kernels only).
+        overflowed: Whether the kernel sent more output than the host accepts, so it was restarted.
+        notes: What the sandbox did or noticed (a timeout, a restart, output left out), one sentence each.
+        execution_count: The kernel's count for this cell; None when the kernel reported none.
+        duration: Seconds the execution took on the host (a restart of a dead kernel included).
+        workdir: The workdir's path on the host; None when no engine filled it in.
+        visible_workdir: The workdir's path as the code names it ("/mnt/data" when mounted there); None when
+            no engine filled it in.
+        max_chars: The bound on each output, in characters (the sandbox's `max_output_chars`).
     """
 
     stdout: str = ""

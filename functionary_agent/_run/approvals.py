@@ -36,7 +36,14 @@ class PendingCall:
     """A call that waits for a person's yes. `arguments` is the model's JSON object parsed, the same dict an
     `approve=` predicate receives, so `call.arguments["path"]` works everywhere; it is empty when the model wrote
     no JSON object, and `raw_arguments` holds the text exactly as written either way. The call runs with
-    `raw_arguments`: changing `arguments` changes nothing that runs. The messages keep OpenAI's JSON text."""
+    `raw_arguments`: changing `arguments` changes nothing that runs. The messages keep OpenAI's JSON text.
+
+    Attributes:
+        id: The call's id: the key for its decision in `resume({id: decision})`.
+        name: The name of the tool called.
+        arguments: The arguments parsed from the model's JSON object; empty when they are not one.
+        raw_arguments: The arguments as the JSON text the model wrote (what runs if the call is approved).
+    """
 
     id: str
     name: str
@@ -45,6 +52,14 @@ class PendingCall:
 
     @classmethod
     def of(cls, call: ToolCall) -> PendingCall:
+        """The waiting form of a model's call.
+
+        Args:
+            call: The call as the model made it.
+
+        Returns:
+            The same call with its arguments parsed into a dict (empty when they are not one JSON object).
+        """
         return cls(call.id, call.name, readable_arguments(call.arguments) or {}, call.arguments)
 
 

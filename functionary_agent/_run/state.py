@@ -45,7 +45,14 @@ class RunEnd:
     """Why a run ended. `reason`: "answer"; "paused" (calls wait for approval); "limit" (`max_turns` or a
     `Limits` setting); "error" (the model or its server failed); "cancelled" (the caller stopped the run). For an
     answer, the model's `finish_reason` and whether the answer was cut short (`truncated`: the model hit
-    `max_tokens`, or its text was cut where it began to repeat itself)."""
+    `max_tokens`, or its text was cut where it began to repeat itself).
+
+    Attributes:
+        reason: How the run ended: "answer", "paused", "limit", "error" or "cancelled".
+        finish_reason: For an answer, how the model said it stopped ("stop", "length", ...); None otherwise.
+        truncated: For an answer, whether it was cut short; False otherwise.
+        detail: For "limit" and "error", the exception's message ("error" adds its class name); "" otherwise.
+    """
 
     reason: EndReason
     finish_reason: str | None = None

@@ -26,7 +26,8 @@ _BUILTIN_TYPES: dict[str, type] = {"str": str, "int": int, "float": float, "bool
 
 class BatchInputError(ConfigurationError):
     """The batch input has bad items; `problems` lists every problem (`line N: ...`, a line may have several),
-    the message the first 20; `bad_items` counts the items they are on (by default one each)."""
+    the message the first 20. The message counts the bad items: the constructor's `bad_items` (by default, one
+    per problem); no attribute keeps that count."""
 
     def __init__(self, source: str, problems: list[str], *, bad_items: int | None = None) -> None:
         shown = "\n".join(f"  {problem}" for problem in problems[:MAX_PROBLEMS_SHOWN])

@@ -61,6 +61,7 @@ _END = object()
 
 
 def import_ray() -> Any:
+    """The `ray` module, imported now; `ConfigurationError` naming the extra to install when it is missing."""
     try:
         return importlib.import_module("ray")
     except ImportError:

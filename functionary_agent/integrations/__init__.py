@@ -28,9 +28,14 @@ class ToolSource(Protocol):
     """Tools from elsewhere, and the connection behind them."""
 
     @property
-    def tools(self) -> Sequence[Tool]: ...
+    def tools(self) -> Sequence[Tool]:
+        """The tools this source offers, ready to register on a conversation."""
+        ...
 
-    async def aclose(self) -> None: ...
+    async def aclose(self) -> None:
+        """Close the connection behind the tools (a session, a server process, an HTTP client); it is safe to
+        call more than once."""
+        ...
 
 
 async def open_mcp(command: Sequence[str] | str | None = None, **options: Any) -> ToolSource:

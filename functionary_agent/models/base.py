@@ -157,6 +157,20 @@ class ChatModel:
         tool_choice: ToolChoice = "auto",
         **settings: Any,
     ) -> AssistantMessage:
+        """`acomplete` from sync code (a script, a notebook cell); it runs on the package's background event loop.
+
+        Args:
+            messages: The chat so far, as OpenAI chat dicts.
+            tools: The OpenAI tool dicts the model may call.
+            tool_choice: Whether the model may, must or must not call a tool (see `ToolChoice`).
+            **settings: Sampling settings for this request (`temperature`, `max_tokens`, ...).
+
+        Returns:
+            The assistant message.
+
+        Raises:
+            RuntimeError: It was called from inside the package's own event loop (await `acomplete` there).
+        """
         return _sync.run(self.acomplete(messages, tools=tools, tool_choice=tool_choice, **settings))
 
     def stream(
@@ -167,6 +181,21 @@ class ChatModel:
         tool_choice: ToolChoice = "auto",
         **settings: Any,
     ) -> Iterator[StreamItem]:
+        """`astream` from sync code: the clean deltas, then the finished `AssistantMessage` as the last item.
+        Leaving the loop early closes the stream.
+
+        Args:
+            messages: The chat so far, as OpenAI chat dicts.
+            tools: The OpenAI tool dicts the model may call.
+            tool_choice: Whether the model may, must or must not call a tool (see `ToolChoice`).
+            **settings: Sampling settings for this request (`temperature`, `max_tokens`, ...).
+
+        Returns:
+            An iterator of delta dicts, ending with the `AssistantMessage`.
+
+        Raises:
+            RuntimeError: It was iterated inside the package's own event loop (iterate `astream` there).
+        """
         return _sync.iterate(self.astream(messages, tools=tools, tool_choice=tool_choice, **settings))
 
     async def acontext_window(self) -> int | None:

@@ -72,6 +72,21 @@ class OpenAICompatibleModel(ChatModel):
     `retry_initial_delay`, `retry_max_delay` and `max_retry_after` set the retry policy (see the module's
     docstring); pass the model to `Conversation(model)` to use them there. `ConfigurationError` for a base URL or
     setting that cannot work.
+
+    Attributes:
+        base_url: The server's base URL (e.g. `http://127.0.0.1:8000/v1`), without a trailing slash.
+        model: The model name sent with each request; None until the first request asks the server for its
+            first listed model (then that name).
+        timeout: Seconds to wait for an answer (for a stream: between two pieces of data); connecting may take
+            `min(timeout, 10)` seconds.
+        max_retries: How many more attempts a recoverable failure gets (timeouts, broken connections, 408, 409,
+            429, 5xx); 0: none.
+        retry_initial_delay: Seconds before the first retry; each later wait doubles, plus jitter.
+        retry_max_delay: The longest wait in seconds between two attempts, unless the server asks for longer.
+        max_retry_after: The longest `Retry-After` in seconds the model waits for; a server that asks for more
+            fails the request at once.
+        settings: Default request settings (each one a field of the request body); a request's own settings
+            override them.
     """
 
     def __init__(

@@ -102,6 +102,8 @@ class LiveDisplay:
         self.answer = ""
 
     def handle(self, event: Event) -> None:
+        """Draw one event of the run: text grows the answer's display, a started call opens its block, a result
+        completes the block of its call, a pause shows the approval box, the final answer flushes everything."""
         if isinstance(event, ToolResult):
             self._on_result(event)
             return
