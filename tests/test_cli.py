@@ -205,3 +205,11 @@ def test_a_tools_module_failing_with_a_foreign_error_prints_no_traceback(tmp_pat
     debug = cli("run", "hi", "--tools", "exploding_tools", "--debug", env={"PYTHONPATH": str(tmp_path)})
     assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
     assert debug.stderr.endswith("functionary-agent: error: LookupError: no such table\n")
+
+
+def test_serve_without_a_model_is_a_usage_error() -> None:
+    """A setting that cannot work exits 2 (usage), with one line and no traceback, like a bad flag."""
+    done = cli("serve")
+    assert done.returncode == 2, done.stderr
+    assert "serve needs --model" in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1

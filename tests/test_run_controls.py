@@ -81,7 +81,8 @@ def test_crossing_a_limit_raises_a_typed_error_and_keeps_every_message(
     assert caught.value.limit == name and name in str(caught.value)
     assert len(model.requests) == requests_sent
     _assert_valid_chat(chat.messages)
-    chat.limits = Limits()  # raise the limit: the same conversation goes on
+    chat.limits = None  # lift the limits (as Conversation(limits=None)): the same conversation goes on
+    assert chat.limits == Limits()
     assert chat.submit() == "Done."
     _assert_valid_chat(chat.messages)
 

@@ -166,6 +166,7 @@ def test_the_cli_says_a_cut_answer_was_cut_and_exits_4() -> None:
     assert done.returncode == 4, done.stderr
     assert done.stdout.strip() == "The capital of Fra"
     assert "cut short (finish_reason=length)" in done.stderr
+    assert done.stderr.count("cut short") == 1, done.stderr  # said once, by the CLI (not again by the log)
     assert as_json.returncode == 4 and json.loads(as_json.stdout)["end"]["truncated"] is True
 
 

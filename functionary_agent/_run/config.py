@@ -43,6 +43,8 @@ class RunConfig:
     request: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.limits is None:  # `chat.limits = None` means no limits, as `Conversation(limits=None)` does
+            object.__setattr__(self, "limits", Limits())
         _check_counts(self)
         _check_callables(self)
         check_result_limit(self.max_result_chars, "max_result_chars")

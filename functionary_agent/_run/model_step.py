@@ -53,7 +53,8 @@ def _with_ending(final: FinalAnswer, message: AssistantMessage) -> FinalAnswer:
     """The answer with how the model stopped; a cut answer is logged as one."""
     truncated = message.finish_reason in TRUNCATING_FINISH_REASONS
     if truncated:
-        logger.warning("the answer was cut short (finish_reason=%s): it may be incomplete", message.finish_reason)
+        logger.warning("the answer was cut short (finish_reason=%s): it may be incomplete", message.finish_reason,
+                       extra={"run_ending": True})  # front ends that report the run's end themselves skip it
     return dataclasses.replace(final, finish_reason=message.finish_reason, truncated=truncated)
 
 

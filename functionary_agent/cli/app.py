@@ -3,7 +3,8 @@
 server with our plugin, see `functionary_agent.server.cli`).
 
 Exit status: 0 with an answer, 2 for a usage error (bad flags or flag values, a model that is no GGUF file here
-and no server, a tools file that cannot be loaded, bad batch input), 1 when the model or its server fails (for
+and no server, a tools file that cannot be loaded, bad batch input, a setting that cannot work such as `serve`
+without --model), 1 when the model or its server fails (for
 `batch`: when some items failed), or anything else goes wrong; 3 when `run` paused because calls wait for
 approval and no terminal can ask (what waits, and how to go on, is printed); 4 when `run`'s answer was cut short
 (the model hit its token limit, or its text was cut where it began to repeat itself); 130 after Ctrl-C. Errors are
@@ -81,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args))
     except _UsageError as exc:
+        return _fail(str(exc), EXIT_USAGE, debug=debug)
+    except ConfigurationError as exc:  # a setting that cannot work (`serve` without --model, ...): a usage error
         return _fail(str(exc), EXIT_USAGE, debug=debug)
     except FunctionaryAgentError as exc:
         return _fail(str(exc), debug=debug)

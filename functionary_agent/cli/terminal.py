@@ -53,6 +53,8 @@ class _VisibleWarnings(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if logging.getLogger().handlers:  # someone set up logging (a host program, vLLM, pytest): theirs to show
             return
+        if getattr(record, "run_ending", False):  # how the run ended: the CLI says it itself, once
+            return
         try:
             print(visible_controls(self.format(record)), file=sys.stderr)
         except Exception:
