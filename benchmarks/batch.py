@@ -10,7 +10,7 @@ Concurrency 1 takes 0.1 s an item, so it gets fewer items (`--items-at-1`); rate
 The Ray run starts a local Ray with 2 CPUs (2 shards at a time, each at the asyncio run's concurrency); its start
 is timed apart and not counted in its rate.
 
-    python benchmarks/batch.py [--items 2000] [--items-at-1 100] [--latency 0.05] [--ray-concurrency 64]
+    python benchmarks/batch.py [--items 2000] [--items-at-1 100] [--latency 0.05] [--ray-concurrency 64] [--no-ray]
 """
 
 from __future__ import annotations

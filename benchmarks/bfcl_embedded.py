@@ -1,6 +1,7 @@
 """BFCL v3 "simple" with the embedded engine, steering on and off, vs llama-cpp-python's `chatml-function-calling`.
 
-    python benchmarks/bfcl_embedded.py [--limit N] [--tool-choice auto|required] [--skip-anchor]
+    python benchmarks/bfcl_embedded.py [--limit N] [--tool-choice auto|required] [--skip-anchor] [--show-failures]
+                                       [--set KEY=VALUE ...]
 
 The file is a dev set to measure on, never a source of rules or tests; report the whole set (`--limit` is for
 quick looks only), with the ablation (`steer=False`) beside it, all from one run.

@@ -1,6 +1,6 @@
 """Code interpreter costs: KernelSandbox against raw jupyter_client, measured in the same run.
 
-    python benchmarks/interpreter.py [--rounds 300]
+    python benchmarks/interpreter.py [--rounds 300] [--starts 3]
 
 Prints one line per measure, `name: value (ratio vs anchor)`. Anchors: the round trip of a trivial cell through
 a plain jupyter_client kernel (IPC transport, no limits; "raw" is the faster of its blocking and async clients)
