@@ -240,8 +240,9 @@ def test_http_server_tools_round_trip_with_headers(http_url: str) -> None:
 
 
 def test_http_server_refusing_the_request_is_a_configuration_error(http_url: str) -> None:
-    with pytest.raises(ConfigurationError, match=r"could not start MCP server http://127\.0\.0\.1"):
+    with pytest.raises(ConfigurationError, match=r"could not start MCP server http://127\.0\.0\.1") as refused:
         asyncio.run(MCPConnection.open(url=http_url, headers={"X-Test-Token": "wrong"}, timeout=10))
+    assert "HTTP 401 Unauthorized" in str(refused.value)  # the status says what to fix (the SDK drops it)
 
 
 def test_unreachable_http_server_is_a_configuration_error() -> None:

@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
+from http import HTTPStatus
 from typing import Any, TextIO, TypeVar
 
 from functionary_agent._text import shorten, visible_controls
@@ -94,6 +95,7 @@ class MCPConnection:
         self._failure: str | None = None
         self._server = server  # a stdio server's process and stderr; None for HTTP
         self._stray_output: str | None = None  # the first thing the server sent that is not an MCP message
+        self._http_errors = _HttpErrors()  # an HTTP server's last error status, for the start-up message
         self._close_requested = asyncio.Event()
         self._ended = asyncio.Event()  # set when the owner task has left the session
         self._owner: asyncio.Task[None] | None = None
@@ -127,7 +129,8 @@ class MCPConnection:
         if url is not None:
             if env is not None or cwd is not None:
                 raise ConfigurationError("env= and cwd= apply to a stdio server started by command=, not to url=")
-            transport = _http_transport(url, headers)
+            errors = _HttpErrors()
+            transport = _http_transport(url, headers, errors)
             label = url
             server = None
         else:
@@ -138,6 +141,8 @@ class MCPConnection:
             transport = server.connect
             label = shlex.join(argv)
         connection = cls(label, startup_timeout=timeout, call_timeout=call_timeout, prefix=prefix, server=server)
+        if url is not None:
+            connection._http_errors = errors
         await connection._start(transport)
         return connection
 
@@ -238,6 +243,8 @@ class MCPConnection:
             await server.settle(_EXIT_WAIT_SECONDS)
         own_exit = server.own_exit() if server is not None else None
         reason = f"{_exit_phrase(own_exit)} during start-up" if own_exit is not None else _describe(exc)
+        if self._http_errors.last is not None:
+            reason += f" (the server answered {self._http_errors.last})"
         if self._stray_output is not None:
             reason += f"; it sent something that is not an MCP message: {self._stray_output}"
             if server is not None:
@@ -516,15 +523,16 @@ def _exit_phrase(returncode: int) -> str:
 
 
 def _http_transport(
-    url: str, headers: Mapping[str, str] | None
+    url: str, headers: Mapping[str, str] | None, errors: _HttpErrors | None = None
 ) -> Callable[[], contextlib.AbstractAsyncContextManager[Streams]]:
     """Streamable HTTP across SDK versions: 2.x (and late 1.x) take an HTTP client, early 1.x a client factory.
-    Either way the client is guarded: its requests go to `url`'s origin only (see `_guarded`)."""
+    Either way the client is guarded: its requests go to `url`'s origin only (see `_guarded`); `errors` notes the
+    server's error statuses (the SDK reports them without the status)."""
     from mcp.client import streamable_http
     from mcp.shared._httpx_utils import create_mcp_http_client
 
     def make_client(headers: dict[str, str] | None = None, timeout: Any = None, auth: Any = None) -> Any:
-        return _guarded(create_mcp_http_client(headers=headers, timeout=timeout, auth=auth), url)
+        return _guarded(create_mcp_http_client(headers=headers, timeout=timeout, auth=auth), url, errors)
 
     modern = getattr(streamable_http, "streamable_http_client", None)
     if modern is None:  # mcp < 1.24
@@ -540,13 +548,31 @@ def _http_transport(
     return connect
 
 
-def _guarded(client: Any, url: str) -> Any:
+class _HttpErrors:
+    """An httpx response hook that keeps the last error status a server answered (`HTTP 401 Unauthorized`): the
+    status code and its standard phrase only, never the server's own words."""
+
+    def __init__(self) -> None:
+        self.last: str | None = None
+
+    async def __call__(self, response: Any) -> None:
+        code = response.status_code
+        if code >= 400:
+            try:
+                self.last = f"HTTP {code} {HTTPStatus(code).phrase}"
+            except ValueError:
+                self.last = f"HTTP {code}"
+
+
+def _guarded(client: Any, url: str, errors: _HttpErrors | None = None) -> Any:
     """`client` with a request hook that refuses, before it is sent, any request for another origin than `url`'s:
     the headers given for this server (and the session's messages) never follow a redirect elsewhere, whatever
     the SDK version's own redirect rules. The hook runs for every request and every redirect hop."""
     home = Origin.of(client.build_request("GET", url).url)  # parsed by the client's own URL class; nothing is sent
     hooks = {name: list(value) for name, value in client.event_hooks.items()}
     hooks["request"] = [*hooks.get("request", []), RequestGuard({home}, only_home=True, allow_link_local=True)]
+    if errors is not None:
+        hooks["response"] = [*hooks.get("response", []), errors]
     client.event_hooks = hooks
     return client
 
