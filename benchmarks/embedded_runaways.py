@@ -4,7 +4,9 @@
 
 The guards (`functionary_agent.models._turn`): free text ends where the model starts to loop (a line, a phrase or a
 sentence repeated in a row; the text keeps the first occurrence and the message says `finish_reason: "repetition"`),
-and a call identical to one already made in the same turn ends the turn. The off switch is the environment variable
+so does a call's argument value (`_json_values._ValueLoops`: the value is closed after the loop's first occurrence,
+the JSON stays valid, the message says "repetition" and a warning is logged), and a call identical to one already
+made in the same turn ends the turn. The off switch is the environment variable
 `FUNCTIONARY_AGENT_RUNAWAY_GUARDS=off`, which this script sets for the "off" runs (read when a turn is planned).
 
 Fifteen everyday requests written for this benchmark (none from BFCL or another benchmark), each with the tools it
@@ -15,7 +17,8 @@ Lines, guards on and off from one run:
 - identical calls: the most calls with the same name and arguments in one model turn (target 1 with guards on);
 - cut for repetition: model turns that ended with finish_reason "repetition" (on the "off" side too: the older rule
   of steered text, a repeated line of 12+ characters ends it, is not part of the guards and stays on);
-- tokens: completion tokens over all requests; seconds: wall time over all requests (CPU-bound: other load counts).
+- tokens: completion tokens over all requests (the copies of a looping value that were taken back count too);
+  seconds: wall time over all requests (CPU-bound: other load counts).
 """
 
 from __future__ import annotations

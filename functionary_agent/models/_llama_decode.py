@@ -24,7 +24,14 @@ import llama_cpp
 import numpy as np
 
 from functionary_agent.formats.grammar import gbnf_literal
-from functionary_agent.models._json_values import _Healing, _JsonValues, _parses_as_json, value_repair
+from functionary_agent.models._json_values import (
+    _Healing,
+    _JsonValues,
+    _parses_as_json,
+    _ValueLoops,
+    _Vocabulary,
+    value_repair,
+)
 from functionary_agent.models._sampler import Sampler
 from functionary_agent.models._text_scan import _lines_end, _TextScan
 
@@ -158,6 +165,12 @@ class Decoder:
     def discard(self) -> None:
         self._held = None
 
+    def _truncate_held(self, size: int) -> None:
+        """Drop the held pieces from `size` on (held text is what a rewind may take back)."""
+        if self._held is None:
+            raise RuntimeError("only held output can be taken back")
+        del self._held[size:]
+
     # -- phases ----------------------------------------------------------------------------------------------------
 
     def choose(self, options: Sequence[str], may_stop: bool) -> str | None:
@@ -206,32 +219,57 @@ class Decoder:
 
         return float(max(logits[first(option)] for option in options) - logits[first(other)])
 
-    def json_arguments(self, gbnf: str, copy: ValueBias | None = None) -> bool:
+    def json_arguments(self, gbnf: str, copy: ValueBias | None = None, *, cycles: bool = False) -> bool:
         """Argument JSON under `gbnf`, up to the moment it is a complete value; False if it was cut short.
         `copy` changes logits as values are written (steering's copy bias, for small models). Where a token opens
-        a value, token healing (`_Healing`) may replace it by one that merges the opening with what follows."""
+        a value, token healing (`_Healing`) may replace it by one that merges the opening with what follows.
+        With `cycles`, a value that starts to loop (`_ValueLoops`) ends after the loop's first occurrence: its
+        copies are taken back and the value is closed (this sets `repetition`)."""
         self.sampler.use_grammar(gbnf)
-        written = ""
         values = _JsonValues()
+        call = _CallTokens(self)
         healing = _Healing(self, values, copy) if value_repair() else None
+        loops = _ValueLoops() if cycles and self._held is not None else None  # held output can be taken back
         while True:
             closing = values.closing()
             if closing is not None and self._budget - self.generated <= len(closing):
                 self.force(closing)  # out of tokens: end the JSON rather than cut it (it may miss a property)
-                return _parses_as_json(written + closing)
+                return _parses_as_json(call.text + closing)
             boost, bias = copy.logits(*values.current()) if copy is not None else ((), ())
             token = self._next(boost=boost, bias=bias)
             if token is None or self._is_end(token):
                 break
             if healing is not None:
                 token = healing.token(token, boost, bias)
-            piece = self._take(token)
+            piece = call.take(token)
             values.feed(piece)
-            written += piece
-            self._emit(piece)
-            if written.rstrip().endswith("}") and _parses_as_json(written):
+            if loops is not None and (cut := loops.add(len(call.tokens) - 1, token, piece, values)) is not None:
+                self._end_loop(call, values, gbnf, cut, loops)
+            if call.text.rstrip().endswith("}") and _parses_as_json(call.text):
                 return True
-        return _parses_as_json(written)
+        return _parses_as_json(call.text)
+
+    def _end_loop(self, call: _CallTokens, values: _JsonValues, gbnf: str, cut: tuple[int, str],
+                  loops: _ValueLoops) -> None:
+        """A looping value ends where `cut` says (the first token to drop, the text that closes the value): the
+        tokens from there on leave the context, the output and the grammar (it takes the kept tokens again), and
+        the closing text is written through the grammar, as far as the grammar allows (the model goes on from
+        there, under the grammar). Unlike a rewind, the tokens taken back still count as generated."""
+        keep, closing = cut
+        dropped, generated = len(call.tokens) - keep, self.generated
+        call.rewind(keep, values)
+        self.generated = generated  # the copies were generated all the same: they count (the budget bounds work)
+        self.sampler.replay(gbnf, call.tokens)
+        vocabulary = _Vocabulary.of(self.llama)
+        for char in closing:
+            token = vocabulary.token_of(char)
+            if token is None or not self.sampler.allows(token):
+                break
+            values.feed(call.take(token))
+        self.repetition = True
+        logger.warning("a call's argument value began to loop: the model wrote %r %d times in a row; it ends after "
+                       "the first (%d tokens taken back), the call so far: %r", loops.period, loops.repeats, dropped,
+                       call.text)
 
     def free_text(
         self,
@@ -310,6 +348,45 @@ class Decoder:
             self._pending.append(last)
         else:
             self._pending.extend(self.llama.tokenize(keep.encode(), add_bos=False, special=True))
+
+
+class _CallTokens:
+    """The tokens of one call's argument JSON as they are taken, with what it takes to go back to any of them: the
+    decoder's checkpoint, how much output was held and the text before each."""
+
+    def __init__(self, decoder: Decoder) -> None:
+        self._decoder = decoder
+        self.tokens: list[int] = []
+        self.text = ""
+        self._marks: list[tuple[tuple[int, int], int, int]] = []  # (checkpoint, held pieces, text) before each
+
+    def take(self, token: int) -> str:
+        """Take `token` as the decoder's next (in the context, the grammar and the output); returns its text."""
+        decoder = self._decoder
+        self._marks.append((decoder.mark(), decoder.held_size(), len(self.text)))
+        piece = decoder._take(token)
+        self.tokens.append(token)
+        self.text += piece
+        decoder._emit(piece)
+        return piece
+
+    def rewind(self, keep: int, values: _JsonValues) -> None:
+        """Back to before token `keep`: the later tokens leave the context and the output (held output only: a
+        call's output is held until it is reviewed), and `values` stands where it stood then."""
+        checkpoint, held, length = self._marks[keep]
+        decoder = self._decoder
+        decoder.rewind(checkpoint)
+        decoder._truncate_held(held)
+        decoder._utf8.reset()
+        values.restore(_json_state(self.text[:length]))
+        del self.tokens[keep:], self._marks[keep:]
+        self.text = self.text[:length]
+
+
+def _json_state(text: str) -> _JsonValues:
+    values = _JsonValues()
+    values.feed(text)
+    return values
 
 
 def prefill(llama: Any, tokens: Sequence[int]) -> tuple[list[int], int]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,6 +94,17 @@ class Sampler:
             return None
         llama_cpp.llama_sampler_apply(self._chain, self._all.pointer)
         return self._all.selected()
+
+    def replay(self, gbnf: str, tokens: Sequence[int]) -> None:
+        """The grammar `gbnf` afresh, after `tokens` (a way back to an earlier point: a grammar cannot rewind).
+        The tokens are taken by the grammar only; the chain (greedy, or what the settings add) keeps its state."""
+        self.use_grammar(gbnf)
+        for token in tokens:
+            llama_cpp.llama_sampler_accept(self._grammar, token)
+
+    def allows(self, token: int) -> bool:
+        """Whether the grammar (if any) accepts `token` next."""
+        return self._grammar is None or self._allowed(token)
 
     def refused_after(self, token: int, ids: np.ndarray, logits: np.ndarray) -> np.ndarray:
         """A copy of `logits` (those of the tokens `ids`) with -inf for the tokens the grammar would refuse if

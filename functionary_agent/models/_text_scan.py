@@ -119,13 +119,16 @@ class _Cycles:
     The first occurrence may differ from its copies in the spacing of its first token ("The" then " The"), so the
     token before the copies is held back too."""
 
-    def __init__(self, max_period: int = _MAX_CYCLE) -> None:
+    def __init__(self, max_period: int = _MAX_CYCLE, needed: Callable[[str, int], int] = _repeats_needed) -> None:
+        self._needed = needed  # given a period's text and its length in tokens, the repeats that make a loop
         self._tokens = np.zeros(256, dtype=np.int64)
         self._runs = np.zeros(max_period + 1, dtype=np.int64)
         self._offsets = [0]  # where each token's text starts in the text, then where the text ends
         self._pieces: list[str] = []
         self.period = ""  # the text repeated, once a loop is found
         self.repeats = 0
+        self.copies_from = 0  # the token where the copies of the loop begin, once a loop is found
+        self.size = 0  # the loop's period in tokens, once a loop is found
 
     def add(self, token: int, piece: str) -> int | None:
         """Take the next token and its text; returns the offset in the text where a loop begins, once there is one."""
@@ -142,14 +145,16 @@ class _Cycles:
         return self._loop_start()
 
     def _loop_start(self) -> int | None:
+        """The offset where the text is to end, once the tokens end with a loop."""
         count = len(self._pieces)
         sizes = np.arange(len(self._runs))
         for size in np.flatnonzero((self._runs >= 2 * sizes) & (sizes > 0)).tolist():  # 3 periods in a row at least
             run = int(self._runs[size])
             period = "".join(self._pieces[count - size :])
-            if run + size >= _repeats_needed(period, size) * size and self._primitive(size):
-                self.repeats = (run + size) // size
-                return self._cut(self._first_copy(count - run, size), size)
+            if run + size >= self._needed(period, size) * size and self._primitive(size):
+                self.repeats, self.size = (run + size) // size, size
+                self.copies_from = self._first_copy(count - run, size)
+                return self._cut(self.copies_from, size)
         return None
 
     def _first_copy(self, first: int, size: int) -> int:
