@@ -1,6 +1,6 @@
 """Small computations through the `python` tool with the bundled embedded model, the code phase on and off.
 
-    python benchmarks/code_tasks.py [--tasks N] [--only on|off] [--max-turns 4] [--max-tokens 256] [--verbose]
+    python benchmarks/code_tasks.py [--dev] [--tasks N] [--only on|off] [--max-turns 4] [--max-tokens 256] [--verbose]
 
 24 tasks written for this benchmark (sums, Fibonacci, a mean, a median, string reversal, a saved plot, ...), each
 with an answer computed here in Python. Each runs in its own `Conversation(model, code_interpreter=...)` with the
@@ -15,6 +15,11 @@ wrote it. Lines, on and off side by side:
   words (`tnega`, `apple fig pear`); the plot task is right when a .png was saved in the sandbox's folder;
 - model turns: mean model requests per task; seconds: total wall time of the tasks.
 Each request is capped at `--max-tokens` and each task at `--max-turns` (a task that hits the cap is wrong).
+Both sides run with the embedded engine's code steering (`models/_code_segment.py`: the guide and worked examples in
+the prompt, a cell first where the request names Python, the answer first after a cell's result);
+`FUNCTIONARY_AGENT_CODE_STEERING=off` runs them without it, as the engine was before.
+`--dev` runs the development set (`benchmarks/code_dev_tasks.py`) instead: tune on that one, measure on this one.
+`--verbose` prints each task's transcript (the model's turns and the tool results it read) and answer.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -92,6 +98,7 @@ class Outcome:
     seconds: float
     answer: str = ""
     codes: list[str] = field(default_factory=list)
+    transcript: list[str] = field(default_factory=list)
 
 
 def numbers_in(text: str) -> list[float]:
@@ -122,7 +129,7 @@ def cell_parses(code: str, code_phase: bool) -> bool:
 def run_task(model: EmbeddedModel, task: Task, code_phase: bool, args: argparse.Namespace) -> Outcome:
     started = time.perf_counter()
     results: list[ToolResult] = []
-    answer = ""
+    answer, finish = "", None
     with Conversation(model, code_interpreter={"timeout": 30}, max_turns=args.max_turns,
                       max_tokens=args.max_tokens) as chat:
         tool = next(t for t in chat.tools if isinstance(t, PythonTool))
@@ -132,14 +139,23 @@ def run_task(model: EmbeddedModel, task: Task, code_phase: bool, args: argparse.
                 if isinstance(event, ToolResult):
                     results.append(event)
                 elif isinstance(event, FinalAnswer):
-                    answer = event.content
+                    answer, finish = event.content, event.finish_reason
         except FunctionaryAgentError as exc:  # max_turns reached: a wrong task, still measured
             answer = f"<{type(exc).__name__}>"
         turns = sum(1 for m in chat.messages if m["role"] == "assistant")
         right = is_right(task, answer, getattr(tool.sandbox, "workdir", None))
+        transcript = [transcript_line(m) for m in chat.messages if m["role"] != "system"]
+        transcript.append(f"finish_reason={finish}")
     codes = [code_of(r.arguments) for r in results if r.name == "python"]
     parsing = sum(cell_parses(code, code_phase) for code in codes)
-    return Outcome(right, len(codes), parsing, turns, time.perf_counter() - started, answer, codes)
+    return Outcome(right, len(codes), parsing, turns, time.perf_counter() - started, answer, codes, transcript)
+
+
+def transcript_line(message: Any) -> str:
+    """One message of a task's conversation, on one line: who, the calls it made, what it said."""
+    calls = [f"{call['function']['name']}({code_of(call['function']['arguments'])!r})"
+             for call in message.get("tool_calls") or ()]
+    return f"{message['role']}: {' '.join(calls)} {message.get('content')!r}".replace("\n", "\\n")
 
 
 def share(part: int, whole: int) -> str:
@@ -158,9 +174,18 @@ def report(outcomes: dict[str, list[Outcome]]) -> None:
         print(f"{name}: " + ", ".join(f"code phase {mode} {measure(found)}" for mode, found in outcomes.items()))
 
 
+def task_list(dev: bool) -> list[Task]:
+    if not dev:
+        return TASKS
+    from code_dev_tasks import DEV_TASKS  # benchmarks/ is on sys.path when this file runs as a script
+
+    return [Task(task.prompt, task.answer) for task in DEV_TASKS]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=len(TASKS), help="run only the first N tasks")
+    parser.add_argument("--dev", action="store_true", help="run the development set (benchmarks/code_dev_tasks.py)")
+    parser.add_argument("--tasks", type=int, help="run only the first N tasks")
     parser.add_argument("--only", choices=["on", "off"], help="run one side only")
     parser.add_argument("--max-turns", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=256)
@@ -169,14 +194,15 @@ def main() -> None:
     modes = [args.only] if args.only else ["on", "off"]
     outcomes: dict[str, list[Outcome]] = {mode: [] for mode in modes}
     model = EmbeddedModel()
-    for number, task in enumerate(TASKS[: args.tasks], 1):
+    for number, task in enumerate(task_list(args.dev)[: args.tasks], 1):
         for mode in modes:
             outcome = run_task(model, task, mode == "on", args)
             outcomes[mode].append(outcome)
             print(f"# task {number} {mode}: right={outcome.right} cells={outcome.cells_parsing}/{outcome.cells} "
                   f"turns={outcome.turns} {outcome.seconds:.0f} s", file=sys.stderr, flush=True)
             if args.verbose:
-                print(f"#   cells={outcome.codes!r}\n#   answer={outcome.answer!r}", file=sys.stderr, flush=True)
+                lines = [*outcome.transcript, f"answer={outcome.answer!r} (wanted {task.answer!r})"]
+                print("\n".join(f"#   {line}" for line in lines), file=sys.stderr, flush=True)
     report(outcomes)
     asyncio.run(model.aclose())
 

@@ -205,3 +205,46 @@ def test_calling_the_tool_directly_cleans_the_cell_too() -> None:
         assert tool.execute("Sure").startswith("Error: the python cell was not run")
     finally:
         tool.sandbox.close()
+
+
+@pytest.mark.parametrize(
+    ("cell", "imported"),
+    [
+        ("print(math.sqrt(1764))", ["math"]),
+        ("print(mean([4, 8]))\nprint(sqrt(16))", ["mean", "sqrt"]),
+        ("x = np.arange(3)\nprint(statistics.median(x))", ["np", "statistics"]),
+    ],
+)
+def test_a_module_or_function_used_without_its_import_is_imported_where_the_kernel_lacks_it(
+    cell: str, imported: list[str]
+) -> None:
+    cleaned = clean_cell(cell)
+    assert cleaned.code.endswith(cell)
+    assert all(f"try: {name}\nexcept NameError: " in cleaned.code for name in imported)
+    assert f"imported {', '.join(imported)} where the kernel lacks it" in cleaned.note
+
+
+@pytest.mark.parametrize(
+    "cell",
+    ["import math\nprint(math.pi)", "def mean(v):\n    return 1\nprint(mean([1]))", "from math import sqrt\nsqrt(4)",
+     "for sqrt in range(3):\n    print(sqrt)", "print(len('x'))",
+     "from __future__ import annotations\nprint(math.pi)"],  # nothing may come before a __future__ import
+)
+def test_a_cell_that_imports_or_binds_the_name_itself_is_left_alone(cell: str) -> None:
+    cleaned = clean_cell(cell)
+    assert cleaned.code == cell and "imported" not in cleaned.note
+
+
+def test_the_imports_run_in_the_kernel_and_never_replace_what_an_earlier_cell_defined() -> None:
+    """Before: `print(math.sqrt(1764))` and `print(mean([1, 2]))` died on a NameError. An earlier cell's own `mean`
+    and a variable named `string` must survive: the import happens only where the kernel lacks the name."""
+    results, _ = _run([
+        "print(math.sqrt(1764))",
+        "print(mean([1, 2]))",
+        "def mean(values):\n    return 'own mean'\nstring = 'abc'",
+        "print(mean([1, 2]), string.upper())",
+    ])
+    assert results["c0"].content.split("\n")[0] == "42.0"
+    assert results["c1"].content.split("\n")[0] == "1.5"
+    assert results["c3"].content.split("\n")[0] == "own mean ABC"
+    assert not any(result.is_error for result in results.values())

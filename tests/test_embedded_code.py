@@ -8,15 +8,23 @@ cells opened with a ``` fence, or ran on into prose, before.
 from __future__ import annotations
 
 import ast
+import asyncio
 import importlib.util
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from functionary_agent._openai_messages import code_of
 from functionary_agent._run.code_cell import clean_cell
-from functionary_agent.models._code_segment import CodeEnd
+from functionary_agent.formats import get_format
+from functionary_agent.models._code_segment import (
+    CODE_EXAMPLE,
+    CODE_GUIDE,
+    CodeEnd,
+    cell_output,
+    code_guide,
+)
 
 if TYPE_CHECKING:
     from functionary_agent.models.embedded import EmbeddedModel
@@ -127,3 +135,105 @@ def test_an_empty_cell_is_no_call(model: EmbeddedModel) -> None:
         tools=[{"type": "code_interpreter"}], max_tokens=100, steer=False, stop=["`"],
     )
     assert not message.tool_calls, message.tool_calls
+
+
+# -- the code guide, the answer after a result, the retry after an error ------------------------------------------
+
+CODE_INTERPRETER = [{"type": "code_interpreter"}]
+NAME_ERROR = "NameError          Traceback (most recent call last)\nNameError: name 'x' is not defined"
+
+
+def test_the_guide_goes_after_the_callers_system_messages_and_only_with_the_code_interpreter() -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Use Python to add 2 and 3."}]
+    assert code_guide(messages, []) == messages
+    guided = code_guide(messages, CODE_INTERPRETER)
+    assert guided[0] == messages[0] and guided[1] == {"role": "system", "content": CODE_GUIDE}
+    assert guided[-1] == messages[-1] and len(guided) == len(messages) + 1 + len(CODE_EXAMPLE)
+
+
+def test_a_result_to_report_is_the_output_of_a_python_cell_without_an_error() -> None:
+    asked = {"role": "user", "content": "compute"}
+
+    def cell(code: str, id: str) -> dict[str, Any]:
+        return {"role": "assistant", "content": None,
+                "tool_calls": [{"id": id, "type": "function", "function": {"name": "python", "arguments": code}}]}
+
+    failed = [asked, cell("print(x)", "a"), {"role": "tool", "tool_call_id": "a", "content": NAME_ERROR}]
+    assert cell_output(failed) is None
+    done = [*failed, cell('{"code": "print(6 * 7)"}', "b"), {"role": "tool", "tool_call_id": "b", "content": "42"}]
+    assert cell_output(done) == "42"
+    empty = [*failed, cell("x = 1", "c"), {"role": "tool", "tool_call_id": "c", "content": "[no output]"}]
+    assert cell_output(empty) is None
+    other_tool = [*failed[:1], {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "d", "type": "function", "function": {"name": "get_price", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "d", "content": "42"}]
+    assert cell_output(other_tool) is None
+
+
+def test_a_request_that_names_python_gets_a_cell_first(monkeypatch: Any) -> None:
+    from functionary_agent.models._steering import Relevance
+
+    assert Relevance(CODE_INTERPRETER, "Calculate 13 times 17 in Python.").served() == {"python"}
+    assert Relevance(CODE_INTERPRETER, "What is the capital of France?").served() == frozenset()
+    monkeypatch.setenv("FUNCTIONARY_AGENT_CODE_STEERING", "off")
+    assert Relevance(CODE_INTERPRETER, "Calculate 13 times 17 in Python.").served() == frozenset()
+
+
+def guided_tokens(model: EmbeddedModel, messages: list[dict[str, Any]], fmt: str) -> int:
+    prompt = get_format(fmt).render(code_guide(messages, CODE_INTERPRETER), CODE_INTERPRETER, tool_choice="auto")
+    return len(model.llama.tokenize(prompt.encode(), add_bos=True, special=True))
+
+
+@needs_model
+def test_only_the_steered_embedded_prompt_holds_the_guide(model: EmbeddedModel) -> None:
+    """The small model's prompt (chatml-v3, steered) holds the guide; a Functionary format's prompt, as a server or a
+    Functionary GGUF gets it, is the format's own, byte for byte."""
+    from functionary_agent.models.embedded import EmbeddedModel
+
+    messages = [{"role": "user", "content": "Use Python to add 2 and 3."}]
+    assert asyncio.run(model.acount_tokens(messages, CODE_INTERPRETER)) == guided_tokens(model, messages, "chatml-v3")
+    functionary = EmbeddedModel(model.model_path, format="v3.llama3")
+    plain = get_format("v3.llama3").render(messages, CODE_INTERPRETER, tool_choice="auto")
+    assert CODE_GUIDE not in plain
+    assert asyncio.run(functionary.acount_tokens(messages, CODE_INTERPRETER)) == len(
+        model.llama.tokenize(plain.encode(), add_bos=True, special=True))
+
+
+def answer_after(model: EmbeddedModel, output: str, **settings: Any) -> Any:
+    """The model's turn after a python cell printed `output`."""
+    model.clear_cache()
+    call = {"id": "c1", "type": "function", "function": {"name": "python", "arguments": "print(21 * 23)"}}
+    return model.complete([
+        {"role": "user", "content": "Use Python to multiply 21 by 23."},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": output},
+    ], tools=CODE_INTERPRETER, max_tokens=60, **settings)
+
+
+@needs_model
+def test_after_a_cells_result_the_turn_answers_with_it(model: EmbeddedModel, monkeypatch: Any) -> None:
+    """Before (code steering off): the model ran the same cell again instead of answering."""
+    message = answer_after(model, "483")
+    assert not message.tool_calls and "483" in (message.content or ""), message
+    monkeypatch.setenv("FUNCTIONARY_AGENT_CODE_STEERING", "off")
+    before = answer_after(model, "483")
+    assert before.tool_calls or "483" not in (before.content or ""), before
+
+
+@needs_model
+def test_a_cells_printed_result_reaches_the_final_answer(model: EmbeddedModel) -> None:
+    """End to end, with a real kernel: the model writes a cell that runs and prints, and its answer states what the
+    cell printed. Before (no guide, no answer rule): cells such as `13 * 17 * 19 = 310` died on a SyntaxError, and
+    answers after a good cell ran it again or wrote about Python versions."""
+    pytest.importorskip("jupyter_client")
+    from functionary_agent import Conversation
+    from functionary_agent.events import FinalAnswer, ToolResult
+
+    model.clear_cache()
+    with Conversation(model, code_interpreter={"timeout": 30}, max_turns=4, max_tokens=128) as chat:
+        events = list(chat.stream("Use Python to multiply 21 by 23."))
+    results = [e for e in events if isinstance(e, ToolResult) and e.name == "python"]
+    answer = next(e for e in events if isinstance(e, FinalAnswer))
+    assert results and not results[-1].is_error, results  # a cell that ran (the model's arithmetic is its own)
+    printed = results[-1].content.split("\n")[0]
+    assert printed.strip() and printed in answer.content, (printed, answer)

@@ -14,7 +14,10 @@ on. The rules, in order:
   prose or an unfinished last statement (`codeop` says which); when it is code with a typo (`print(x))`), the
   whole cell is sent, so that the kernel reports the SyntaxError instead of half the cell running;
 - statements at the end that are English words which happen to parse (`Done`, `not sure`, `Answer: 42`) are prose;
-- a cell left with no statement is refused.
+- a cell left with no statement is refused;
+- a standard module the cell uses without importing it (`math.sqrt(2)`, `np.arange(5)` for numpy's usual alias) or
+  a well-known function of `math` / `statistics` it calls by its bare name (`sqrt`, `mean`) is imported first,
+  only where the kernel does not know the name yet (an earlier cell's `string = "abc"` or own `mean` wins).
 Pure functions: no kernel, no I/O.
 """
 
@@ -77,7 +80,50 @@ def clean_cell(text: str) -> CodeCell:
     if not code:
         return CodeCell("", refusal=_refusal(text, lines))
     _describe_tail(lines[kept:], removed)
-    return CodeCell(code, _note(removed))
+    return CodeCell(_with_imports(code, removed), _note(removed))
+
+
+# modules a cell may use by name without importing them (an import of them runs no user code), and usual aliases
+_MODULES = {name: f"import {name}" for name in (
+    "math", "statistics", "random", "datetime", "re", "itertools", "functools", "collections", "string",
+    "fractions", "decimal", "calendar", "operator", "json", "time")}
+_MODULES |= {"np": "import numpy as np", "pd": "import pandas as pd", "plt": "import matplotlib.pyplot as plt"}
+# functions a cell may call by their bare name, from the module that has them
+_FUNCTIONS = {name: "math" for name in (
+    "sqrt", "isqrt", "factorial", "gcd", "lcm", "comb", "perm", "prod", "floor", "ceil", "log", "log2", "log10",
+    "exp", "pi", "hypot", "radians", "degrees")}
+_FUNCTIONS |= {name: "statistics" for name in ("mean", "median", "mode", "stdev", "variance", "fmean")}
+_IMPORTS = {**_MODULES, **{name: f"from {module} import {name}" for name, module in _FUNCTIONS.items()}}
+
+
+def _with_imports(code: str, removed: list[str]) -> str:
+    """`code` with the imports it misses put first (see the module's docstring), each only where the kernel does
+    not know the name (`try: name` / `except NameError: import ...`)."""
+    missing = sorted(_unbound_names(code) & _IMPORTS.keys())
+    if not missing or "from __future__" in code:  # a __future__ import must stay the cell's first statement
+        return code
+    lines = [f"try: {name}\nexcept NameError: {_IMPORTS[name]}" for name in missing]
+    removed.append(f"imported {', '.join(missing)} where the kernel lacks it (the cell uses it without an import)")
+    return "\n".join([*lines, code])
+
+
+def _unbound_names(code: str) -> set[str]:
+    """The names `code` reads but never binds (assigns, imports, defines, takes as a parameter)."""
+    tree = ast.parse(code)
+    read: set[str] = set()
+    bound: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            (read if isinstance(node.ctx, ast.Load) else bound).add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+        elif isinstance(node, (ast.Global, ast.Nonlocal)):
+            bound.update(node.names)
+    return read - bound
 
 
 def _unwrap_json(text: str, removed: list[str]) -> str:

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from functionary_agent._openai_messages import message_text
+from functionary_agent.models._code_segment import CODE_PURPOSE, code_steering_on
 from functionary_agent.models._json_values import value_repair
 from functionary_agent.models.base import ToolCall
 
@@ -272,6 +273,10 @@ class Relevance:
         self._asked = _stems(request)
         self._purposes: dict[str, set[str]] = {}
         for tool in tools:
+            if tool.get("type") == "code_interpreter":  # no description of its own: what the `python` tool is for
+                if code_steering_on():
+                    self._purposes["python"] = _stems(CODE_PURPOSE)
+                continue
             function = tool.get("function") if isinstance(tool.get("function"), Mapping) else tool
             if isinstance(function, Mapping) and isinstance(function.get("name"), str):
                 self._purposes[function["name"]] = _stems(_purpose_text(function))

@@ -52,6 +52,7 @@ class TurnPlan:
     after_result: bool = False  # the conversation ends with a tool result (see `Decoder.free_text`)
     calls_first: bool = False  # where text or a call may come first, try the best call first (the review decides)
     candidates: frozenset[str] | None = None  # with calls_first: the tools that call may be to (None: any)
+    answer_first: bool = False  # with calls_first: text comes first (a python cell's result is there to report)
     # with calls_first and no candidate: how much more likely (log-probability of the first token) the model must
     # find a call than text for a call to any tool to be tried; None: text then
     strong_call: float | None = None
@@ -155,7 +156,10 @@ def _first_openers(decoder: Decoder, plan: TurnPlan, openers: Mapping[str, CallS
     """Calls first, where text could come first too: the JSON calls to the candidate tools; when none is a
     candidate, to any tool if the model strongly prefers a call to text here, else text alone."""
     text = _text_opener(openers)
-    calls = {k: v for k, v in openers.items() if v is not None and v.parameters is not None}
+    if plan.answer_first and text is not None:
+        return {text: None}
+    calls = {k: v for k, v in openers.items()  # JSON calls; a raw-code call (python) where it is a candidate
+             if v is not None and (v.parameters is not None or v.name in (plan.candidates or ()))}
     if text is None or not calls:
         return openers
     if plan.candidates is None:
@@ -179,7 +183,7 @@ def _json_call(
     With the runaway guards on, a call identical to one in `made` is dropped and ends the turn (_STOP)."""
     start = decoder.held_size()
     copy = CopyBias(decoder.llama, plan.copy_source, plan.copy_bias, plan.copy_examples) if plan.copy_bias else None
-    if not decoder.json_arguments(plan.arguments_grammar(spec), copy):
+    if not decoder.json_arguments(plan.arguments_grammar(spec), copy, cycles=plan.runaway_guards):
         decoder.release()
         return _STOP
     arguments = plan.review(spec, decoder.held_text(start), text_opener is not None)

@@ -30,6 +30,7 @@ from typing import Any
 
 from functionary_agent.errors import ConfigurationError, FormatError, ModelError
 from functionary_agent.formats import Format, detect_format, get_format
+from functionary_agent.models._code_segment import cell_output, code_guide
 from functionary_agent.models._steering import (
     FurtherCalls,
     Relevance,
@@ -95,13 +96,30 @@ class EmbeddedModel(ChatModel):
 
     `format` names the prompt format (`chatml-v3`, `v3.2`, ...); by default it is detected from the GGUF's chat
     template. Other keyword arguments are default request settings: `temperature` (0: greedy), `top_k`, `top_p`,
-    `min_p`, `repeat_penalty`, `frequency_penalty`, `presence_penalty`, `max_tokens`, `stop`, `max_items` and
-    `max_length` (bounds on arrays and strings in call arguments, so a tiny model cannot loop inside one).
+    `min_p`, `repeat_penalty`, `frequency_penalty`, `presence_penalty`, `max_tokens` (default 1024; also spelled
+    `max_completion_tokens`), `stop`, `parallel_tool_calls`, `max_items` and `max_length` (bounds on arrays and
+    strings in call arguments, default 16 and 256, so a tiny model cannot loop inside one), `steer` (the small-model
+    steering; default on for `chatml-v3` only) and `copy_bias` (its logit bonus for copied values, default 2.0).
+    `n_threads` defaults to half the CPUs, at most 8.
 
     The prompt's protocol markers are the vocabulary's special tokens; the same text inside a message, a tool
     result or a tool definition is plain text (a user cannot inject a marker). `tokenizer_json` is the model's
     Hugging Face `tokenizer.json`: where its added tokens disagree with the GGUF's, a warning is logged and the
     prompt's markers take tokenizer.json's ids (the ids the model was trained with).
+
+    Attributes:
+        model_path: The GGUF file, as a resolved absolute path.
+        format_name: The name of the prompt format passed as `format` (an alias becomes the name it stands for);
+            None: the format is detected from the model file (see `format`).
+        n_ctx: The context size in tokens (prompt and answer together).
+        n_threads: The CPU threads llama.cpp uses; by default half the CPUs this process may use, up to 8.
+        settings: The default request settings: `seed` and the sampling keyword arguments; a request's own
+            settings override them.
+
+    Raises:
+        ConfigurationError: There is no file at `model_path`, `n_ctx` is under 256, or a keyword argument is no
+            setting of this engine.
+        FormatError: `format` names no known prompt format.
     """
 
     def __init__(
@@ -297,7 +315,10 @@ class _SharedLlama:
     ) -> int:
         with self.lock:
             llama = self._loaded()
-            return len(_prompt_tokens(llama, get_format(format_name or self._format or ""), messages, tools, "auto"))
+            fmt = get_format(format_name or self._format or "")
+            if fmt.name in _SMALL_MODEL_FORMATS:  # steered by default: the prompt holds the engine's code guide
+                messages = code_guide(messages, tools)
+            return len(_prompt_tokens(llama, fmt, messages, tools, "auto"))
 
     def run(
         self, format_name: str | None, request: _TurnRequest, emit: Callable[[Any], None], cancelled: Callable[[], bool]
@@ -311,7 +332,8 @@ class _SharedLlama:
             llama = self._loaded()
             fmt = get_format(format_name or self._format or "")
             plan, sampling, budget_cap = _plan(fmt, request)
-            tokens = _prompt_tokens(llama, fmt, request.messages, request.tools, request.tool_choice)
+            messages = code_guide(request.messages, request.tools) if plan.prose else request.messages
+            tokens = _prompt_tokens(llama, fmt, messages, request.tools, request.tool_choice)
             if len(tokens) >= self.n_ctx - 1:
                 raise ModelError(f"the prompt has {len(tokens)} tokens but the context holds {self.n_ctx}; "
                                  "pass a larger n_ctx or start a new conversation")
@@ -364,12 +386,13 @@ class _Stream:
             self._emit(delta)
 
     def finish(self, usage: dict[str, Any], *, length: bool, repetition: bool = False) -> AssistantMessage:
-        """The whole message; a text cut by the budget says "length", one cut where it began to loop "repetition"."""
+        """The whole message; a text cut by the budget says "length", one cut where it began to loop "repetition"
+        (so does a message whose call had an argument value cut where it began to loop)."""
         rest, finish_reason = self._parser.finish()
         self._send(rest)
         if length and finish_reason == "stop":
             finish_reason = "length"
-        elif repetition and finish_reason == "stop":
+        elif repetition and finish_reason in ("stop", "tool_calls"):  # a call's looping argument value too
             finish_reason = "repetition"
         return replace(self._accumulator.message(finish_reason), usage=usage)
 
@@ -555,6 +578,7 @@ def _plan(fmt: Format, request: _TurnRequest) -> tuple[Any, Any, int]:
         calls_first=steer,
         candidates=Relevance(request.tools, request_text(request.messages)).served() if steer else None,
         strong_call=_STRONG_CALL,
+        answer_first=steer and cell_output(request.messages) is not None,
         further=FurtherCalls(request_text(request.messages)) if steer else None,
         copy_source=evidence_text(request.messages),
         copy_bias=float(settings.get("copy_bias", _COPY_BIAS if steer else 0.0)),
