@@ -90,8 +90,8 @@ class AssistantMessage:
         content: The text of the answer; None when the model wrote none (a turn of calls only).
         tool_calls: The calls the model made this turn, in order; empty for a plain answer.
         finish_reason: Why the model stopped, as the engine reports it: "stop", "tool_calls", "length" (the
-            token budget ran out), "repetition" (the embedded engine cut a text that began to loop) or a server's
-            own value; None when unknown.
+            token budget ran out), "repetition" (the embedded engine cut a text, or a call's argument value, that
+            began to loop; the calls still run) or a server's own value; None when unknown.
         usage: The token usage the engine reported, in OpenAI's shape (`prompt_tokens`, `completion_tokens`,
             `total_tokens`, `prompt_tokens_details.cached_tokens`); None when the server reported none.
     """
