@@ -41,11 +41,6 @@ def ask(text: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": text}]
 
 
-@pytest.fixture(scope="module")
-def model() -> EmbeddedModel:
-    return EmbeddedModel.shared().load()
-
-
 def call_arguments(message: AssistantMessage, tools: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
     """Each call's name and parsed arguments, checked against that tool's schema."""
     schemas = {tool["function"]["name"]: tool["function"]["parameters"] for tool in tools}

@@ -88,13 +88,6 @@ needs_model = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def model() -> EmbeddedModel:
-    from functionary_agent.models.embedded import EmbeddedModel
-
-    return EmbeddedModel.shared().load()
-
-
 def python_cells(model: EmbeddedModel, prompt: str) -> list[str]:
     model.clear_cache()
     message = model.complete(

