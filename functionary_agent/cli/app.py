@@ -81,10 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = bool(getattr(args, "debug", False))  # `serve` has no --debug
     try:
         return int(args.handler(args))
-    except _UsageError as exc:
-        return _fail(str(exc), EXIT_USAGE, debug=debug)
-    except ConfigurationError as exc:  # a setting that cannot work (`serve` without --model, ...): a usage error
-        return _fail(str(exc), EXIT_USAGE, debug=debug)
+    except (_UsageError, ConfigurationError) as exc:  # ConfigurationError: a setting that cannot work (`serve`
+        return _fail(str(exc), EXIT_USAGE, debug=debug)  # without --model, ...) is a usage error too
     except FunctionaryAgentError as exc:
         return _fail(str(exc), debug=debug)
     except KeyboardInterrupt:
